@@ -1,0 +1,121 @@
+"""The `pocketvlm` command. Subcommands only parse arguments and hand over to the module that owns the verb."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import EXIT_USER_ERROR, PocketVLMError
+
+
+def _make_model(args) -> int:
+    from .models import make_model
+
+    out = make_model(args.out, args.preset, seed=args.seed, force=args.force, progress=not args.quiet)
+    print(f"wrote {out} ({args.preset}, seed {args.seed})", file=sys.stderr)
+    return 0
+
+
+def _ask(args) -> int:
+    from .media import check_file, load_video, open_image
+    from .prompt import Request
+    from .runtime import open_backend
+
+    if args.max_tokens < 1:
+        raise PocketVLMError("--max-tokens must be at least 1")
+    if args.image and args.video:
+        raise PocketVLMError("pass --image or --video, not both")
+    images = [open_image(p) for p in args.image]  # before the (slow) model load, so a typo fails at once
+    if args.video:
+        check_file(args.video, "a video")
+    backend = open_backend(args.model, threads=args.threads)
+    video = None
+    if args.video:
+        cfg = backend.processor.config
+        video = load_video(args.video, fps=cfg.video_fps, max_frames=cfg.video_max_frames)
+    request = Request(question=args.question, images=images, video=video)
+
+    def show(step):
+        if step.text:
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+
+    result = backend.run(request, args.max_tokens, ignore_eos=args.ignore_eos,
+                         on_step=None if args.json else show)
+    if args.json:
+        print(json.dumps({"model": str(args.model), **result.to_json()}, indent=2))
+        return 0
+    print()
+    t = result.timings
+    parts = [f"{result.backend} {result.quant}", f"load {t.load_s:.2f}s"]
+    if t.encode_s is not None:
+        parts.append(f"encode {t.encode_s:.2f}s")
+    parts.append(f"ttft {t.ttft_s:.2f}s")
+    if t.prefill_tok_s:
+        parts.append(f"prefill {t.prefill_tok_s:.0f} tok/s ({result.prompt_tokens} tok)")
+    if t.decode_tok_s:
+        parts.append(f"decode {t.decode_tok_s:.1f} tok/s ({len(result.token_ids)} tok)")
+    print("[" + " · ".join(parts) + "]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import preset, preset_names
+
+    parser = argparse.ArgumentParser(
+        prog="pocketvlm",
+        description="Ship SmolVLM2 onto devices: make test models, ask questions about images and videos offline.",
+    )
+    parser.add_argument("--version", action="version", version=f"pocketvlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    presets_help = "; ".join(f"{n}: {preset(n)['summary']}" for n in preset_names())
+    p = sub.add_parser(
+        "make-model", help="write a random-weight SmolVLM2 model folder (tests, timings)",
+        description="Write a complete Hugging Face SmolVLM2 folder with random weights and a locally trained "
+                    "tokenizer. The real-shape presets match the published checkpoints exactly, so exports, sizes "
+                    "and timings are real; answers are not. Presets: " + presets_help)
+    p.add_argument("out", help="output folder (refused if it exists and is not empty, unless --force)")
+    p.add_argument("--preset", choices=preset_names(), default="tiny", help="model shape (default: tiny)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for weights and tokenizer corpus (default: 0)")
+    p.add_argument("--force", action="store_true", help="replace OUT once the new folder is complete")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_make_model)
+
+    p = sub.add_parser(
+        "ask", help="answer a question about an image or video, offline",
+        description="Answer QUESTION about images or a video with MODEL: a Hugging Face SmolVLM2 folder, a Hub id "
+                    "already in the local cache, or a pocketvlm artifact. Streams the answer to stdout; timings go "
+                    "to stderr (or into --json).")
+    p.add_argument("model", help="model folder, Hub id, or exported artifact")
+    p.add_argument("question", help="the question, in plain text")
+    p.add_argument("--image", action="append", default=[], metavar="IMG",
+                   help="an image file (repeat for several images)")
+    p.add_argument("--video", metavar="VID", help="a video file; frames are sampled as SmolVLM2 samples them")
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="always generate --max-tokens tokens (for timing random-weight models)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's choice)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: answer, token_ids, backend, quant, timings")
+    p.set_defaults(func=_ask)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PocketVLMError as e:
+        message = " ".join(str(e).split())  # always one line
+        print(f"pocketvlm: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("pocketvlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The one interface every backend implements, and the summary every caller (ask, check, bench) reads.
+
+A backend answers a Request by yielding Steps, one per generated token, each stamped with the time it became
+available. `run()` turns those into a Result with the same timings for every format, so no caller special-cases a
+backend.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pocketvlm.prompt import Processor, Request
+
+
+@dataclass
+class Step:
+    token_id: int
+    text: str                      # newly decoded text (may be "" while a UTF-8 character is incomplete)
+    time: float                    # time.perf_counter() when the token was known
+    logits: np.ndarray | None = None  # float32 [vocab], only when asked for
+    encode_s: float | None = None  # first step only: vision encoder time, where the engine exposes it
+    prefill_s: float | None = None  # first step only: time to run the prompt through the text model
+
+
+@dataclass
+class Timings:
+    load_s: float
+    encode_s: float | None
+    ttft_s: float
+    prefill_tok_s: float | None
+    decode_tok_s: float | None
+    total_s: float
+
+
+@dataclass
+class Result:
+    answer: str
+    token_ids: list[int]
+    prompt_tokens: int
+    backend: str
+    quant: str
+    timings: Timings
+    logits: list[np.ndarray] | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("logits")
+        return d
+
+
+class Backend(ABC):
+    """A loaded model of one format and quant. Subclasses set name, quant, processor and load_s in __init__."""
+
+    name: str
+    quant: str
+    processor: Processor
+    load_s: float
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "quant": self.quant, "load_s": self.load_s}
+
+    def prompt_token_ids(self, request: Request) -> list[int]:
+        return self.processor.encode(request).input_ids.tolist()
+
+    @abstractmethod
+    def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
+                 with_logits: bool = False) -> Iterator[Step]:
+        """Greedy decoding: yield one Step per generated token (the end-of-sequence token included)."""
+
+    def run(self, request: Request, max_tokens: int, *, ignore_eos: bool = False, with_logits: bool = False,
+            on_step: Callable[[Step], None] | None = None) -> Result:
+        """Generate to the end, streaming to on_step, and summarise."""
+        prompt_tokens = len(self.prompt_token_ids(request))
+        start = time.perf_counter()
+        steps: list[Step] = []
+        for step in self.generate(request, max_tokens, ignore_eos=ignore_eos, with_logits=with_logits):
+            steps.append(step)
+            if on_step:
+                on_step(step)
+        end = time.perf_counter()
+        ids = [s.token_id for s in steps]
+        first = steps[0] if steps else None
+        decode_s = steps[-1].time - first.time if len(steps) > 1 else None
+        timings = Timings(
+            load_s=self.load_s,
+            encode_s=first.encode_s if first else None,
+            ttft_s=(first.time - start) if first else end - start,
+            prefill_tok_s=(prompt_tokens / first.prefill_s) if first and first.prefill_s else None,
+            decode_tok_s=((len(steps) - 1) / decode_s) if decode_s else None,
+            total_s=end - start,
+        )
+        eos = self.processor.eos_token_ids
+        answer_ids = ids[:-1] if ids and ids[-1] in eos and not ignore_eos else ids
+        return Result(
+            answer=self.processor.decode(answer_ids).strip(),
+            token_ids=ids,
+            prompt_tokens=prompt_tokens,
+            backend=self.name,
+            quant=self.quant,
+            timings=timings,
+            logits=[s.logits for s in steps] if with_logits else None,
+        )
+
+
+class TextStream:
+    """Turns token ids into text deltas, holding back a partial UTF-8 character until it completes."""
+
+    def __init__(self, processor: Processor):
+        self.processor = processor
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.processor.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self.emitted):] if text.startswith(self.emitted) else text
+        self.emitted = text
+        return delta
+
+
+def should_stop(token_id: int, n_generated: int, position: int, *, max_tokens: int, context: int,
+                eos: set[int], ignore_eos: bool) -> bool:
+    """Whether decoding ends after this token: end of sequence, the token budget, or the context window."""
+    return (token_id in eos and not ignore_eos) or n_generated >= max_tokens or position >= context

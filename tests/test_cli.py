@@ -1,0 +1,178 @@
+"""`pocketvlm ask` and `make-model` as a user runs them: answers, JSON, and a one-line error for every bad input."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+from conftest import SAMPLES, assert_user_error, draw_image, run_cli
+from PIL import Image
+
+QUESTION = "What color is the circle?"
+
+
+def png_header_only(path, width, height):
+    """A PNG that claims width x height: enough for a decoder to size its buffers (a decompression bomb)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_ask_streams_the_same_answer_it_reports_in_json(tiny_model, image_file):
+    plain = run_cli("ask", tiny_model, QUESTION, "--image", image_file, "--max-tokens", 16)
+    assert plain.returncode == 0, plain.stderr
+    as_json = run_cli("ask", tiny_model, QUESTION, "--image", image_file, "--max-tokens", 16, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    result = json.loads(as_json.stdout)
+    assert plain.stdout.strip() == result["answer"]
+    assert result["backend"] == "reference" and result["quant"] == "fp32"
+    assert 1 <= len(result["token_ids"]) <= 16
+    assert set(result["timings"]) >= {"load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"}
+    assert "ttft" in plain.stderr and "Traceback" not in plain.stderr
+
+
+def test_ask_answers_about_a_video_and_a_sample_image(tiny_model, video_file):
+    proc = run_cli("ask", tiny_model, "What happens?", "--video", video_file, "--max-tokens", 6, "--json",
+                   "--ignore-eos")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["token_ids"]) == 6
+    sample = SAMPLES / "images" / "red_circle.png"
+    proc = run_cli("ask", tiny_model, QUESTION, "--image", sample, "--max-tokens", 4)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_help_explains_each_command():
+    for command, words in {"ask": ["--image", "--video", "--json", "Hub id"],
+                           "make-model": ["--preset", "256m", "2.2b", "random weights"]}.items():
+        proc = run_cli(command, "--help")
+        assert proc.returncode == 0
+        for word in words:
+            assert word in proc.stdout, (command, word)
+
+
+# -------------------------------------------------------------------------------------------- bad images
+
+def _bad_images(tmp):
+    cases = {}
+    cases["missing"] = (tmp / "nope.png", "no such file")
+    (tmp / "empty.png").write_bytes(b"")
+    cases["zero bytes"] = (tmp / "empty.png", "empty file (0 bytes)")
+    (tmp / "garbage.png").write_bytes(b"this is not an image at all" * 10)
+    cases["corrupt"] = (tmp / "garbage.png", "not an image")
+    whole = tmp / "whole.png"
+    draw_image(300, 200).save(whole)
+    (tmp / "truncated.png").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    cases["truncated"] = (tmp / "truncated.png", "corrupt or truncated")
+    Image.new("CMYK", (64, 64), (0, 255, 0, 0)).save(tmp / "cmyk.jpg")
+    cases["CMYK"] = (tmp / "cmyk.jpg", "CMYK")
+    Image.new("I;16", (64, 64), 1000).save(tmp / "deep.png")
+    cases["16-bit"] = (tmp / "deep.png", "16-bit")
+    draw_image(64, 64).convert("P").save(tmp / "palette.png")
+    cases["palette"] = (tmp / "palette.png", "palette")
+    frames = [draw_image(64, 64, seed=i) for i in range(3)]
+    frames[0].save(tmp / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    cases["animated"] = (tmp / "anim.gif", "animated image with 3 frames")
+    cases["bomb"] = (png_header_only(tmp / "bomb.png", 9000, 9000), "81 MP), over the limit")
+    cases["huge bomb"] = (png_header_only(tmp / "huge.png", 60000, 60000), "decompression-bomb")
+    cases["absurd side"] = (png_header_only(tmp / "strip.png", 30000, 2), "over the limit")
+    cases["folder"] = (tmp, "is a folder")
+    return cases
+
+
+def test_every_bad_image_is_one_line_exit_2(tiny_model, tmp_path):
+    for name, (path, fragment) in _bad_images(tmp_path).items():
+        proc = run_cli("ask", tiny_model, QUESTION, "--image", path)
+        line = assert_user_error(proc, fragment)
+        assert str(path) in line, name
+
+
+def test_bad_videos_are_one_line_exit_2(tiny_model, tmp_path):
+    (tmp_path / "fake.mp4").write_text("not a video")
+    assert_user_error(run_cli("ask", tiny_model, "What?", "--video", tmp_path / "fake.mp4"), "not a video")
+    assert_user_error(run_cli("ask", tiny_model, "What?", "--video", tmp_path / "none.mp4"), "no such file")
+    draw_image().save(tmp_path / "still.png")
+    assert_user_error(run_cli("ask", tiny_model, "What?", "--video", tmp_path / "still.png"),
+                      "is a still image")
+
+
+# ------------------------------------------------------------------------------------------- bad models
+
+def test_bad_model_sources_are_one_line_exit_2(tmp_path, image_file, tiny_model):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(run_cli("ask", empty, QUESTION, "--image", image_file), "no config.json",
+                      "not a SmolVLM model folder")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert_user_error(run_cli("ask", llama, QUESTION, "--image", image_file), "model_type is 'llama'")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert_user_error(run_cli("ask", broken, QUESTION, "--image", image_file), "unreadable JSON")
+    assert_user_error(run_cli("ask", tmp_path / "nowhere" / "x", QUESTION), "no such folder")
+    assert_user_error(run_cli("ask", image_file, QUESTION), "is a file")
+
+
+def test_hub_id_fails_fast_offline(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = run_cli("ask", "HuggingFaceTB/SmolVLM2-500M-Video-Instruct", QUESTION, env=env)
+    assert_user_error(proc, "HuggingFaceTB/SmolVLM2-500M-Video-Instruct is not in the Hugging Face cache",
+                      "HF_HUB_OFFLINE")
+
+
+def test_hub_id_fails_cleanly_when_the_hub_is_unreachable(tmp_path):
+    # A closed loopback port stands in for the unreachable Hub (the guard forbids anything else).
+    env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    proc = run_cli("ask", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct", QUESTION, env=env, timeout=120)
+    assert_user_error(proc, "cannot fetch HuggingFaceTB/SmolVLM2-256M-Video-Instruct from the Hugging Face Hub")
+
+
+def test_a_changed_artifact_file_is_refused(tiny_model, tmp_path, image_file):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    tokenizer = copy / "tokenizer.json"
+    data = bytearray(tokenizer.read_bytes())
+    data[100] ^= 1  # same size, different bytes
+    tokenizer.write_bytes(bytes(data))
+    assert_user_error(run_cli("ask", copy, QUESTION, "--image", image_file), "tokenizer.json does not match")
+    (copy / "model.safetensors").unlink()
+    assert_user_error(run_cli("ask", copy, QUESTION, "--image", image_file), "model.safetensors is missing")
+
+
+# ----------------------------------------------------------------------------------------- bad arguments
+
+def test_bad_arguments_are_one_line_exit_2(tiny_model, image_file, video_file):
+    assert_user_error(run_cli("ask", tiny_model, QUESTION, "--max-tokens", 0), "--max-tokens")
+    assert_user_error(run_cli("ask", tiny_model, QUESTION, "--image", image_file, "--video", video_file),
+                      "not both")
+    assert_user_error(run_cli("ask", tiny_model, "what is <image>?", "--image", image_file), "reserved token")
+    assert_user_error(run_cli("ask", tiny_model, "why " * 3000, "--image", image_file),
+                      "the model's context is 2048")
+
+
+def test_argparse_errors_exit_2_without_traceback():
+    proc = run_cli("make-model", "x", "--preset", "7b")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_make_model_never_overwrites_without_force(tmp_path, force):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run_cli("make-model", out, "--quiet", *(["--force"] if force else []))
+    if force:
+        assert proc.returncode == 0, proc.stderr
+        assert not (out / "keep.txt").exists() and (out / "pocketvlm.json").is_file()
+    else:
+        assert_user_error(proc, "already exists and is not empty", "--force")
+        assert (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no partial folder left behind
