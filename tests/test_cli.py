@@ -176,3 +176,27 @@ def test_make_model_never_overwrites_without_force(tmp_path, force):
         assert_user_error(proc, "already exists and is not empty", "--force")
         assert (out / "keep.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no partial folder left behind
+
+
+def test_large_files_are_rehashed_once_they_change(tiny_model, tmp_path, monkeypatch):
+    """The quick-check cache may skip hashing an unchanged file, never a changed one."""
+    import os
+    import shutil
+
+    import pocketvlm.manifest as manifest
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(manifest, "HASH_CACHE_MIN_BYTES", 0)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    listed = manifest.read_manifest(copy)
+    manifest.verify(copy, listed)
+    assert (tmp_path / "cache" / "pocketvlm" / "sha256-cache.json").is_file()
+    manifest.verify(copy, listed)  # from the cache
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    with pytest.raises(manifest.ArtifactError, match="model.safetensors does not match"):
+        manifest.verify(copy, listed)
