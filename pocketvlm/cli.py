@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import EXIT_USER_ERROR, PocketVLMError
@@ -61,6 +62,53 @@ def _ask(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from pocketvlm.export import export_model
+
+    options = {k: getattr(args, k) for k in EXPORT_OPTIONS}
+    out = export_model(args.source, args.to, Path(args.out), quant=args.quant, force=args.force,
+                       progress=not args.quiet, **options)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _quantize(args) -> int:
+    from pocketvlm.quantize import quantize_artifact
+
+    out = quantize_artifact(Path(args.artifact), args.quant, Path(args.out), force=args.force,
+                            progress=not args.quiet)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _check(args) -> int:
+    from pocketvlm.quantize.fidelity import check, render
+
+    def progress(row):
+        if not args.json:
+            print(f"  {row['sample']}: prefix {row['matching_prefix']}/{row['tokens']}, "
+                  f"KLD {row['kld_mean']:.2e}, top-1 {row['top1']:.3f}", file=sys.stderr)
+
+    report = check(Path(args.artifact), reference=args.reference,
+                   samples_file=Path(args.samples) if args.samples else None, max_tokens=args.max_tokens,
+                   progress=progress)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0 if report["pass"] else 1
+
+
+# export options that only some formats take: name -> (argparse kwargs)
+EXPORT_OPTIONS = {
+    "llama_cpp_dir": dict(metavar="DIR", help="gguf: a llama.cpp checkout whose convert_hf_to_gguf.py to use "
+                                             "(default: the one in the installed llama-cpp-python's sdist)"),
+    "mmproj_quant": dict(choices=["f16", "q8_0"], help="gguf: vision projector type (default f16)"),
+    "group_size": dict(type=int, help="mlx: quantization group size, 32, 64 or 128 (default 64)"),
+    "keep_vision": dict(choices=["fp16", "fp32"],
+                        help="mlx: keep the vision tower unquantized in this dtype (Hugging Face's iOS builds do)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import preset, preset_names
 
@@ -101,6 +149,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: answer, token_ids, backend, quant, timings")
     p.set_defaults(func=_ask)
+
+    p = sub.add_parser(
+        "export", help="convert a SmolVLM2 checkpoint to gguf / mlx / onnx / coreml",
+        description="Convert SOURCE (a Hugging Face SmolVLM2 folder, or a Hub id in the local cache) into an "
+                    "artifact folder for one engine, quantized as asked, with a pocketvlm.json manifest written "
+                    "last. The folder appears only when complete.")
+    p.add_argument("source", help="Hugging Face model folder or Hub id")
+    p.add_argument("--to", required=True, metavar="FORMAT", help="gguf or mlx")
+    p.add_argument("--quant", help="gguf: f16 (default), q8_0, q4_k_m; mlx: fp16 (default), fp32, bf16, 8bit, 4bit")
+    p.add_argument("--out", required=True, help="output folder (refused if not empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace OUT once the new artifact is complete")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    for name, kwargs in EXPORT_OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "quantize", help="quantize an exported artifact further (same format)",
+        description="Write a lower-bit copy of ARTIFACT (e.g. a GGUF f16 export to q4_k_m) with its own manifest. "
+                    "Run `pocketvlm check` on the result to see what the quantization cost.")
+    p.add_argument("artifact", help="an exported artifact folder")
+    p.add_argument("--quant", required=True, help="gguf: q8_0, q4_k_m; mlx: 8bit, 4bit")
+    p.add_argument("--out", required=True, help="output folder (refused if not empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace OUT once the new artifact is complete")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_quantize)
+
+    p = sub.add_parser(
+        "check", help="fidelity of an artifact against the PyTorch reference",
+        description="Run the same requests through ARTIFACT and the fp32 PyTorch reference: greedy tokens "
+                    "(exact match and matching prefix), and teacher-forced KL divergence and top-1 agreement per "
+                    "step. Gated by thresholds per format and quant (pocketvlm/data/fidelity.json); exits 1 when a "
+                    "gate fails.")
+    p.add_argument("artifact", help="an exported artifact folder")
+    p.add_argument("--reference", help="the original model folder (default: the source recorded in the manifest)")
+    p.add_argument("--samples", help="JSON list of {image, question, answer?} (default: built-in probes)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens compared per sample (default: 32)")
+    p.add_argument("--report", metavar="FILE", help="also write the full report as JSON")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(func=_check)
     return parser
 
 

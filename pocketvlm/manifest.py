@@ -82,7 +82,7 @@ def verify(root: Path, manifest: dict, *, hashes: bool = True) -> None:
         if path.stat().st_size != entry["bytes"]:
             raise ArtifactError(f"{root}: {entry['path']} has {path.stat().st_size} bytes, the manifest says "
                                 f"{entry['bytes']}; the artifact is corrupt or was changed")
-        if hashes and _sha256_cached(path) != entry["sha256"]:
+        if hashes and sha256_quick(path) != entry["sha256"]:
             raise ArtifactError(f"{root}: {entry['path']} does not match its sha256 in {FILENAME}; "
                                 f"the artifact is corrupt or was changed")
 
@@ -91,7 +91,7 @@ def _hash_cache_file() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pocketvlm" / "sha256-cache.json"
 
 
-def _sha256_cached(path: Path) -> str:
+def sha256_quick(path: Path) -> str:
     st = path.stat()
     if st.st_size < HASH_CACHE_MIN_BYTES:
         return sha256_file(path)

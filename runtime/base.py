@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -69,8 +69,12 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
-                 with_logits: bool = False) -> Iterator[Step]:
-        """Greedy decoding: yield one Step per generated token (the end-of-sequence token included)."""
+                 with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:
+        """Greedy decoding: yield one Step per generated token (the end-of-sequence token included).
+
+        With `force` (teacher forcing, for fidelity checks), step i still reports the model's own choice and
+        logits, but force[i] is what gets fed back; decoding runs for exactly len(force) steps.
+        """
 
     def run(self, request: Request, max_tokens: int, *, ignore_eos: bool = False, with_logits: bool = False,
             on_step: Callable[[Step], None] | None = None) -> Result:
@@ -125,7 +129,12 @@ class TextStream:
         return delta
 
 
-def should_stop(token_id: int, n_generated: int, position: int, *, max_tokens: int, context: int,
-                eos: set[int], ignore_eos: bool) -> bool:
-    """Whether decoding ends after this token: end of sequence, the token budget, or the context window."""
-    return (token_id in eos and not ignore_eos) or n_generated >= max_tokens or position >= context
+def next_input(token_id: int, n_generated: int, position: int, *, max_tokens: int, context: int,
+               eos: set[int], ignore_eos: bool, force: Sequence[int] | None) -> int | None:
+    """The token to feed back after the n-th generated one, or None when decoding ends (end of sequence, token
+    budget, context window, or the end of the forced sequence)."""
+    if force is not None:
+        return force[n_generated - 1] if n_generated < len(force) and position < context else None
+    if (token_id in eos and not ignore_eos) or n_generated >= max_tokens or position >= context:
+        return None
+    return token_id

@@ -8,12 +8,12 @@ and each step's logits kept; tests check it yields exactly the tokens of transfo
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pocketvlm.prompt import Processor, Request
 
-from .base import Backend, Step, TextStream, should_stop
+from .base import Backend, Step, TextStream, next_input
 
 
 class ReferenceBackend(Backend):
@@ -42,7 +42,7 @@ class ReferenceBackend(Backend):
                 "torch": torch.__version__, "threads": torch.get_num_threads()}
 
     def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
-                 with_logits: bool = False) -> Iterator[Step]:
+                 with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:
         import torch
 
         enc = self.processor.encode(request)
@@ -62,7 +62,7 @@ class ReferenceBackend(Backend):
                              use_cache=True, logits_to_keep=1)
             prefilled = time.perf_counter()
             position = input_ids.shape[1]
-            for n in range(1, max_tokens + 1):
+            for n in range(1, (len(force) if force is not None else max_tokens) + 1):
                 logits = out.logits[0, -1]
                 token = int(torch.argmax(logits))
                 first = n == 1
@@ -70,10 +70,11 @@ class ReferenceBackend(Backend):
                            logits=logits.float().numpy().copy() if with_logits else None,
                            encode_s=(encoded - start) if first and vision is not None else None,
                            prefill_s=(prefilled - encoded) if first else None)
-                if should_stop(token, n, position, max_tokens=max_tokens, context=context,
-                               eos=self.processor.eos_token_ids, ignore_eos=ignore_eos):
+                fed = next_input(token, n, position, max_tokens=max_tokens, context=context,
+                                 eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
+                if fed is None:
                     return
                 position += 1
-                step_ids = torch.tensor([[token]])
+                step_ids = torch.tensor([[fed]])
                 out = self.model(input_ids=step_ids, attention_mask=torch.ones(1, position, dtype=torch.long),
                                  past_key_values=out.past_key_values, use_cache=True)
