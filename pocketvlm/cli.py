@@ -90,7 +90,8 @@ def _check(args) -> int:
                   f"KLD {row['kld_mean']:.2e}, top-1 {row['top1']:.3f}", file=sys.stderr)
 
     report = check(Path(args.artifact), reference=args.reference,
-                   samples_file=Path(args.samples) if args.samples else None, max_tokens=args.max_tokens,
+                   samples_file=Path(args.samples) if args.samples else None,
+                   images_dir=Path(args.images) if args.images else None, max_tokens=args.max_tokens,
                    progress=progress)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
@@ -104,8 +105,9 @@ EXPORT_OPTIONS = {
                                              "(default: the one in the installed llama-cpp-python's sdist)"),
     "mmproj_quant": dict(choices=["f16", "q8_0"], help="gguf: vision projector type (default f16)"),
     "group_size": dict(type=int, help="mlx: quantization group size, 32, 64 or 128 (default 64)"),
-    "keep_vision": dict(choices=["fp16", "fp32"],
-                        help="mlx: keep the vision tower unquantized in this dtype (Hugging Face's iOS builds do)"),
+    "keep_vision": dict(choices=["fp16"],
+                        help="mlx 8bit/4bit: keep the vision tower unquantized in fp16, as Hugging Face's iOS builds "
+                             "do (default: quantize it too, where the group size divides its layers)"),
 }
 
 
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="an exported artifact folder")
     p.add_argument("--reference", help="the original model folder (default: the source recorded in the manifest)")
     p.add_argument("--samples", help="JSON list of {image, question, answer?} (default: built-in probes)")
+    p.add_argument("--images", metavar="DIR", help="also ask 'Describe this image.' about every image in DIR")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens compared per sample (default: 32)")
     p.add_argument("--report", metavar="FILE", help="also write the full report as JSON")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")

@@ -73,9 +73,24 @@ def load_samples(path: Path) -> list[Sample]:
     samples = []
     for i, item in enumerate(items):
         images = [open_image(path.parent / item["image"])] if item.get("image") else []
-        samples.append(Sample(item.get("name", item.get("image", f"#{i}")), Request(item["question"], images=images),
+        name = item.get("name") or (Path(item["image"]).stem if item.get("image") else f"#{i}")
+        samples.append(Sample(name, Request(item["question"], images=images),
                               item.get("answer")))
     return samples
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def image_dir_samples(folder: Path, question: str = "Describe this image.") -> list[Sample]:
+    """Every image in FOLDER, each asked the same question."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PocketVLMError(f"{folder}: no such folder of images")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise PocketVLMError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [Sample(p.name, Request(question, images=[open_image(p)])) for p in paths]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -96,6 +111,7 @@ def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, pro
             p, q = _log_softmax(ref_logits), _log_softmax(step.logits[: len(ref_logits)])
             klds.append(float((np.exp(p) * (p - q)).sum()))
             top1.append(int(np.argmax(ref_logits)) == int(np.argmax(step.logits)))
+        first_dlogit = float(np.abs(ref.logits[0] - forced[0].logits[: len(ref.logits[0])]).max())
         agree = next((i for i, (a, b) in enumerate(zip(ref.token_ids, free.token_ids)) if a != b),
                      min(len(ref.token_ids), len(free.token_ids)))
         rows.append({
@@ -104,6 +120,7 @@ def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, pro
             "greedy_match": ref.token_ids == free.token_ids,
             "matching_prefix": agree,
             "tokens": len(ref.token_ids),
+            "first_max_abs_dlogit": first_dlogit,
             "kld_mean": float(np.mean(klds)),
             "kld_max": float(np.max(klds)),
             "top1": float(np.mean(top1)),
@@ -119,6 +136,7 @@ def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, pro
         "greedy_match": all(r["greedy_match"] for r in rows),
         "kld_mean": float(np.average([r["kld_mean"] for r in rows], weights=steps)),
         "kld_max": max(r["kld_max"] for r in rows),
+        "first_max_abs_dlogit": max(r["first_max_abs_dlogit"] for r in rows),
         "top1": float(np.average([r["top1"] for r in rows], weights=steps)),
     }
     if any("correct" in r for r in rows):
@@ -156,8 +174,8 @@ def reference_for(artifact: Path, manifest: dict, override: str | None) -> str:
                          f"pass --reference with the original model folder")
 
 
-def check(artifact: Path, *, reference: str | None = None, samples_file: Path | None = None, max_tokens: int = 32,
-          progress=None) -> dict:
+def check(artifact: Path, *, reference: str | None = None, samples_file: Path | None = None,
+          images_dir: Path | None = None, max_tokens: int = 32, progress=None) -> dict:
     from pocketvlm.manifest import read_manifest
     from pocketvlm.runtime import open_backend
 
@@ -166,7 +184,10 @@ def check(artifact: Path, *, reference: str | None = None, samples_file: Path | 
     if manifest is None:
         raise PocketVLMError(f"{artifact}: not a pocketvlm artifact (no pocketvlm.json); export one first")
     ref_source = reference_for(artifact, manifest, reference)
-    samples = load_samples(samples_file) if samples_file else builtin_samples()
+    if max_tokens < 1:
+        raise PocketVLMError("--max-tokens must be at least 1")
+    samples = ((load_samples(samples_file) if samples_file else [])
+               + (image_dir_samples(images_dir) if images_dir else [])) or builtin_samples()
     backend = open_backend(artifact)
     ref_backend = open_backend(ref_source)
     if ref_backend.name != "reference":
@@ -182,7 +203,8 @@ def check(artifact: Path, *, reference: str | None = None, samples_file: Path | 
 def render(report: dict) -> str:
     """A short human table of a check report."""
     s = report["summary"]
-    lines = [f"{report['format']} {report['quant']}  vs reference {report['reference']}",
+    lines = [f"{report['format']} {report['quant']}  vs reference {report['reference']}  "
+             f"(first-step max |Δlogit| {s['first_max_abs_dlogit']:.2e})",
              f"{'sample':<10} {'greedy':>7} {'prefix':>7} {'KLD mean':>10} {'KLD max':>10} {'top-1':>6}"]
     for r in report["samples"]:
         lines.append(f"{r['sample'][:10]:<10} {('same' if r['greedy_match'] else 'DIFF'):>7} "

@@ -45,6 +45,7 @@ class Result:
     backend: str
     quant: str
     timings: Timings
+    peak_memory_bytes: int | None = None  # the engine's own figure where it keeps one (bench measures RSS)
     logits: list[np.ndarray] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -63,6 +64,10 @@ class Backend(ABC):
 
     def describe(self) -> dict:
         return {"backend": self.name, "quant": self.quant, "load_s": self.load_s}
+
+    def peak_memory_bytes(self) -> int | None:
+        """Peak memory the engine itself accounts for, if it keeps such a figure."""
+        return None
 
     def prompt_token_ids(self, request: Request) -> list[int]:
         return self.processor.encode(request).input_ids.tolist()
@@ -107,6 +112,7 @@ class Backend(ABC):
             backend=self.name,
             quant=self.quant,
             timings=timings,
+            peak_memory_bytes=self.peak_memory_bytes(),
             logits=[s.logits for s in steps] if with_logits else None,
         )
 

@@ -1,0 +1,98 @@
+"""MLX backend: an mlx-vlm model folder, driven token by token. Does not import torch.
+
+The model is mlx-vlm's own SmolVLM (Idefics3 layout); the prompt and pixels come from pocketvlm.prompt, so the
+tokens are the reference's by construction. The loop is ours rather than mlx-vlm's stream_generate so each step's
+logits are available and teacher forcing works (and because stream_generate's final result repeats its last
+token). On Linux, MLX runs on its CPU backend with the reference BLAS bundled in the mlx-cpu wheel: timings there
+are far from what Apple Silicon gives, and describe() says so.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pocketvlm.manifest import read_manifest
+from pocketvlm.prompt import Processor, Request
+
+from .base import Backend, Step, TextStream, next_input
+
+LINUX_NOTE = ("MLX on Linux runs on its CPU backend with the reference BLAS of the mlx-cpu wheel (fp32 matmul "
+              "~2 GFLOP/s on 2 cores; preloading OpenBLAS, e.g. LD_PRELOAD=/usr/lib/x86_64-linux-gnu/"
+              "libopenblas.so.0, gives ~45x more): these timings are not what Apple Silicon users see")
+
+
+class MLXBackend(Backend):
+    name = "mlx"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import mlx.core as mx
+        from mlx_vlm.utils import load_model
+
+        self.path = Path(path)
+        self.quant = (read_manifest(self.path) or {}).get("quant", "unknown")
+        self.processor = Processor(self.path)
+        start = time.perf_counter()
+        self.model = load_model(self.path)
+        mx.eval(self.model.parameters())
+        self.load_s = time.perf_counter() - start
+
+    def describe(self) -> dict:
+        import mlx.core as mx
+        import mlx_vlm
+
+        info = {**super().describe(), "engine": f"mlx-vlm {mlx_vlm.__version__}", "mlx": mx.__version__,
+                "device": str(mx.default_device())}
+        if platform.system() == "Linux":
+            info["note"] = LINUX_NOTE
+        return info
+
+    def peak_memory_bytes(self) -> int | None:
+        import mlx.core as mx
+
+        return int(mx.get_peak_memory())
+
+    def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
+                 with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:
+        import mlx.core as mx
+        from mlx_vlm.models.cache import make_prompt_cache
+
+        enc = self.processor.encode(request)
+        context = self.processor.config.context_length
+        stream = TextStream(self.processor)
+        language = self.model.language_model
+        ids = mx.array(enc.input_ids)[None]
+
+        start = time.perf_counter()
+        if enc.pixel_values is not None:
+            embeds = self.model.get_input_embeddings(
+                ids, mx.array(enc.pixel_values), pixel_attention_mask=mx.array(enc.pixel_attention_mask)
+            ).inputs_embeds
+        else:
+            embeds = language.embed_tokens(ids)
+        mx.eval(embeds)
+        encoded = time.perf_counter()
+        cache = make_prompt_cache(language)
+        logits = language(ids, inputs_embeds=embeds, cache=cache).logits[0, -1]
+        mx.eval(logits)
+        prefilled = time.perf_counter()
+
+        position = ids.shape[1]
+        for n in range(1, (len(force) if force is not None else max_tokens) + 1):
+            token = int(mx.argmax(logits).item())
+            first = n == 1
+            yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(),
+                       logits=np.array(logits.astype(mx.float32)) if with_logits else None,
+                       encode_s=(encoded - start) if first and enc.pixel_values is not None else None,
+                       prefill_s=(prefilled - encoded) if first else None)
+            fed = next_input(token, n, position, max_tokens=max_tokens, context=context,
+                             eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
+            if fed is None:
+                return
+            position += 1
+            logits = language(mx.array([[fed]]), cache=cache).logits[0, -1]
+            mx.eval(logits)
