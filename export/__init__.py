@@ -23,6 +23,7 @@ from pocketvlm.models import ModelSource, resolve_source
 FORMATS = {
     "gguf": ("pocketvlm.export.gguf", "gguf"),
     "mlx": ("pocketvlm.export.mlx", "mlx"),
+    "onnx": ("pocketvlm.export.onnx", "onnx"),
 }
 
 # Everything a Processor (pocketvlm.prompt) reads, carried into artifacts that keep the Hugging Face layout.

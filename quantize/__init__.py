@@ -18,6 +18,7 @@ from pocketvlm.manifest import read_manifest, verify
 QUANTIZERS = {
     "gguf": ("pocketvlm.quantize.gguf", "gguf"),
     "mlx": ("pocketvlm.quantize.mlx", "mlx"),
+    "onnx": ("pocketvlm.quantize.onnx", "onnx"),
 }
 
 

@@ -21,6 +21,7 @@ BACKENDS = {
     "hf": "pocketvlm.runtime.reference:ReferenceBackend",
     "gguf": "pocketvlm.runtime.gguf:GGUFBackend",
     "mlx": "pocketvlm.runtime.mlx:MLXBackend",
+    "onnx": "pocketvlm.runtime.onnx:ONNXBackend",
 }
 
 
