@@ -31,7 +31,7 @@ def _ask(args) -> int:
     images = [open_image(p) for p in args.image]  # before the (slow) model load, so a typo fails at once
     if args.video:
         check_file(args.video, "a video")
-    backend = open_backend(args.model, threads=args.threads)
+    backend = open_backend(args.model, threads=args.threads, torch_free=True)
     video = None
     if args.video:
         cfg = backend.processor.config
@@ -78,6 +78,49 @@ def _quantize(args) -> int:
     out = quantize_artifact(Path(args.artifact), args.quant, Path(args.out), force=args.force,
                             progress=not args.quiet)
     print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _serve(args) -> int:
+    from pocketvlm.runtime import open_backend
+    from pocketvlm.runtime.server import make_server
+
+    backend = open_backend(args.model, threads=args.threads, torch_free=True)
+    server = make_server(backend, args.host, args.port, model_id=args.model_id, api_key=args.api_key)
+    host, port = server.server_address[:2]
+    print(f"pocketvlm: serving {args.model} ({backend.name} {backend.quant}) on http://{host}:{port}/v1 "
+          f"(OpenAI-compatible chat completions; Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _bench(args) -> int:
+    from pocketvlm.bench_device import report
+    from pocketvlm.bench_device.bench import bench
+
+    if args.targets[0] == "report":  # pocketvlm bench report RESULTS.json... --out DIR
+        if len(args.targets) < 2 or not args.out:
+            raise PocketVLMError("usage: pocketvlm bench report RESULTS.json [RESULTS.json ...] --out DIR")
+        merged = report.load([Path(p) for p in args.targets[1:]])
+        written = report.write(merged, Path(args.out), with_plots=not args.no_plots)
+        print(report.markdown(merged))
+        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+        return 0
+    results = bench(args.targets, images_dir=Path(args.images) if args.images else None, question=args.question,
+                    runs=args.runs, warmup=args.warmup, max_tokens=args.max_tokens,
+                    cloud=None if args.cloud == "none" else args.cloud, cloud_model=args.cloud_model,
+                    cloud_base_url=args.cloud_base_url, providers_file=args.providers, power_w=args.power_w,
+                    kwh_price=args.kwh_price, device_cost=args.device_cost, amortize_months=args.amortize_months,
+                    out=Path(args.out) if args.out else None, with_plots=not args.no_plots,
+                    device_label=args.device_label, threads=args.threads, progress=not args.quiet)
+    print(report.markdown(results))
+    if args.out:
+        print(f"wrote {args.out}/results.json, report.md and plots", file=sys.stderr)
     return 0
 
 
@@ -169,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser(
+        "serve", help="serve a model as an OpenAI-compatible chat endpoint (loopback by default)",
+        description="Serve MODEL at http://HOST:PORT/v1/chat/completions (streamed or not) and /v1/models, so "
+                    "OpenAI- or Mistral-style clients can use the on-device model. Images as data: URLs only; "
+                    "greedy decoding; one request at a time.")
+    p.add_argument("model", help="model folder, Hub id in the cache, or exported artifact")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--model-id", help="model name reported to clients (default: the backend name)")
+    p.add_argument("--api-key", help="require this bearer token from clients")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the engine")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
         "quantize", help="quantize an exported artifact further (same format)",
         description="Write a lower-bit copy of ARTIFACT (e.g. a GGUF f16 export to q4_k_m) with its own manifest. "
                     "Run `pocketvlm check` on the result to see what the quantization cost.")
@@ -178,6 +234,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT once the new artifact is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_quantize)
+
+    p = sub.add_parser(
+        "bench", help="edge latency/memory per backend and quant, against a hosted API (latency and cost)",
+        description="Measure each ARTIFACT (any exported format/quant, or a Hugging Face folder on the reference "
+                    "backend) in its own process: cold load, image encode, time to first token, prefill and decode "
+                    "speed (a fixed number of tokens, end of sequence ignored), end-to-end latency, peak RSS, size "
+                    "on disk, and decode as a fraction of the memory-bandwidth roofline. Then the cloud leg: the "
+                    "same requests to the provider (key from its env var; without one, estimates labelled as "
+                    "such), and cost per 1k queries. `pocketvlm bench report RESULTS.json... --out DIR` merges "
+                    "results from several devices into one report.")
+    p.add_argument("targets", nargs="+", metavar="ARTIFACT", help="artifacts / model folders (or: report FILES...)")
+    p.add_argument("--images", metavar="DIR", help="images to ask about (default: built-in probe images)")
+    p.add_argument("--question", default="Describe this image.", help="the question (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per image (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per run (default 32)")
+    p.add_argument("--cloud", default="mistral-medium-3",
+                   help="provider from the price data (mistral-medium-3, mistral-medium-3.1, openai-compatible) "
+                        "or 'none' (default: mistral-medium-3)")
+    p.add_argument("--cloud-model", help="override the provider's model id (Mistral retires ids)")
+    p.add_argument("--cloud-base-url", help="override the provider's API base URL")
+    p.add_argument("--providers", help="a providers JSON file to use instead of the built-in price data")
+    p.add_argument("--power-w", type=float, help="device power draw while answering, in watts (edge energy cost)")
+    p.add_argument("--kwh-price", type=float, default=0.30, help="electricity price, $/kWh (default 0.30)")
+    p.add_argument("--device-cost", type=float, help="device price in $, for the break-even volume")
+    p.add_argument("--amortize-months", type=int, default=24, help="months the device cost is spread over (24)")
+    p.add_argument("--device-label", help="name for this device in merged reports")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the engines")
+    p.add_argument("--out", help="write results.json, report.md and PNG plots here")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser(
         "check", help="fidelity of an artifact against the PyTorch reference",

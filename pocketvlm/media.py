@@ -48,27 +48,40 @@ def _check_size(path, width: int, height: int, what: str = "image") -> None:
 def open_image(path) -> Image.Image:
     """Open, validate and fully decode an image file."""
     path = check_file(path, "an image")
+    return _decode(path, path)
+
+
+def open_image_bytes(data: bytes, label: str = "image") -> Image.Image:
+    """The same checks for an image that arrived as bytes (an upload, a data URL)."""
+    import io
+
+    if not data:
+        raise MediaError(f"{label}: empty image (0 bytes)")
+    return _decode(io.BytesIO(data), label)
+
+
+def _decode(source, label) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(source)
     except UnidentifiedImageError:
-        raise MediaError(f"{path}: not an image (unknown format or corrupt header)") from None
+        raise MediaError(f"{label}: not an image (unknown format or corrupt header)") from None
     except Image.DecompressionBombError:
-        raise MediaError(f"{path}: image is over the decompression-bomb limit; downscale it first") from None
+        raise MediaError(f"{label}: image is over the decompression-bomb limit; downscale it first") from None
     except OSError as e:
-        raise MediaError(f"{path}: cannot open image ({e})") from None
-    _check_size(path, *image.size)
+        raise MediaError(f"{label}: cannot open image ({e})") from None
+    _check_size(label, *image.size)
     if getattr(image, "n_frames", 1) > 1:
-        raise MediaError(f"{path}: animated image with {image.n_frames} frames; pass a still image, "
+        raise MediaError(f"{label}: animated image with {image.n_frames} frames; pass a still image, "
                          f"or the clip with --video")
     if image.mode not in SUPPORTED_MODES:
         what = MODE_HINTS.get(image.mode, f"mode {image.mode}")
-        raise MediaError(f"{path}: image uses {what} (PIL mode {image.mode}); convert it to 8-bit RGB first")
+        raise MediaError(f"{label}: image uses {what} (PIL mode {image.mode}); convert it to 8-bit RGB first")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as e:
-        raise MediaError(f"{path}: corrupt or truncated image ({e})") from None
+        raise MediaError(f"{label}: corrupt or truncated image ({e})") from None
     return image
 
 

@@ -188,8 +188,8 @@ def check(artifact: Path, *, reference: str | None = None, samples_file: Path | 
         raise PocketVLMError("--max-tokens must be at least 1")
     samples = ((load_samples(samples_file) if samples_file else [])
                + (image_dir_samples(images_dir) if images_dir else [])) or builtin_samples()
-    backend = open_backend(artifact)
     ref_backend = open_backend(ref_source)
+    backend = open_backend(artifact)
     if ref_backend.name != "reference":
         raise PocketVLMError(f"--reference {ref_source} is an exported artifact; pass the Hugging Face model folder")
     report = compare(ref_backend, backend, samples, max_tokens, progress)

@@ -45,8 +45,13 @@ class MLXBackend(Backend):
         import mlx.core as mx
         import mlx_vlm
 
+        from mlx.utils import tree_flatten
+
+        # what one decode step reads: the language model's weights (packed, with scales) but the embedding table
+        read = sum(v.nbytes for k, v in tree_flatten(self.model.language_model.parameters())
+                   if not k.startswith("embed_tokens"))
         info = {**super().describe(), "engine": f"mlx-vlm {mlx_vlm.__version__}", "mlx": mx.__version__,
-                "device": str(mx.default_device())}
+                "device": str(mx.default_device()), "decode_weight_bytes": int(read)}
         if platform.system() == "Linux":
             info["note"] = LINUX_NOTE
         return info

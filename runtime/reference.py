@@ -38,8 +38,12 @@ class ReferenceBackend(Backend):
         import torch
         import transformers
 
+        text = self.model.model.text_model
+        # what one decode step reads: every text-model weight but the embedding table (one row), plus lm_head
+        read = sum(p.numel() * p.element_size() for n, p in text.named_parameters() if "embed_tokens" not in n)
+        read += self.model.lm_head.weight.numel() * self.model.lm_head.weight.element_size()
         return {**super().describe(), "engine": f"transformers {transformers.__version__}",
-                "torch": torch.__version__, "threads": torch.get_num_threads()}
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "decode_weight_bytes": read}
 
     def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
                  with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:

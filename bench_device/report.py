@@ -1,0 +1,242 @@
+"""results.json (the schema), report.md and the plots; and merging results recorded on several devices.
+
+results.json, schema "pocketvlm.bench/1":
+  schema, created
+  devices:  [{id, cpu, cores, ram_bytes, os, machine, accelerator, engines{}, memory_bandwidth_gbs}]
+  settings: {question, images[], runs, warmup, max_tokens}
+  variants: [{id, device, artifact, backend, quant, size_bytes, load_s, peak_rss_bytes, decode_weight_bytes,
+              roofline_tok_s, describe{}, error?}]                    one per artifact per device
+  records:  [{device, variant, backend, quant, image, run, encode_s, ttft_s, prefill_tok_s, decode_tok_s, e2e_s,
+              prompt_tokens, generated_tokens, measured: true}]      one per variant x image x run
+  cloud:    [{provider, name, model, measured, skipped?, error?, price{input_per_m, output_per_m, date, source},
+              records[{image, run, ttft_s, e2e_s, output_tok_s, prompt_tokens, completion_tokens, cost_usd}],
+              estimate{prompt_tokens, completion_tokens, cost_usd, method}?}]
+  costs:    {power_w, kwh_price, device_cost, amortize_months, rows[{variant, device, edge_per_query,
+              edge_per_1k, cloud_per_query, cloud_per_1k, cloud_cost_measured, break_even_queries}]}
+Devices that cannot run Python can produce the same file (only the fields they have) and join via `bench report`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from pocketvlm.errors import PocketVLMError
+
+SCHEMA = "pocketvlm.bench/1"
+METRICS = ("encode_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "e2e_s")
+
+
+def stats(values) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(results: dict) -> list[dict]:
+    """Per variant: median/min/max of every metric over its records."""
+    rows = []
+    for v in results["variants"]:
+        recs = [r for r in results["records"] if r["variant"] == v["id"] and r["device"] == v["device"]]
+        row = {"variant": v["id"], "device": v["device"], "backend": v.get("backend"), "quant": v.get("quant"),
+               "size_bytes": v.get("size_bytes"), "load_s": v.get("load_s"),
+               "peak_rss_bytes": v.get("peak_rss_bytes"), "roofline_tok_s": v.get("roofline_tok_s"),
+               "error": v.get("error"), "note": (v.get("describe") or {}).get("note")}
+        for m in METRICS:
+            row[m] = stats(r.get(m) for r in recs)
+        if row["decode_tok_s"] and row["roofline_tok_s"]:
+            row["roofline_fraction"] = row["decode_tok_s"]["median"] / row["roofline_tok_s"]
+        rows.append(row)
+    return rows
+
+
+def load(paths: list[Path]) -> dict:
+    """Read and merge results files (devices, variants, records and cloud legs concatenated)."""
+    merged = {"schema": SCHEMA, "devices": [], "variants": [], "records": [], "cloud": [], "settings": {},
+              "costs": {"rows": []}}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise PocketVLMError(f"{path}: no such results file") from None
+        except (OSError, ValueError) as e:
+            raise PocketVLMError(f"{path}: unreadable results file ({e.__class__.__name__})") from None
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise PocketVLMError(f"{path}: not a pocketvlm bench results file (schema {SCHEMA})")
+        seen = {d["id"] for d in merged["devices"]}
+        merged["devices"] += [d for d in data.get("devices", []) if d.get("id") not in seen]
+        for key in ("variants", "records", "cloud"):
+            merged[key] += data.get(key, [])
+        merged["costs"]["rows"] += data.get("costs", {}).get("rows", [])
+        merged["settings"] = merged["settings"] or data.get("settings", {})
+        merged["created"] = data.get("created")
+    return merged
+
+
+def _fmt(value, spec=".2f", unit=""):
+    return "–" if value is None else f"{value:{spec}}{unit}"
+
+
+def _stat(s, spec=".2f"):
+    if not s:
+        return "–"
+    if s["n"] == 1 or s["min"] == s["max"]:
+        return f"{s['median']:{spec}}"
+    return f"{s['median']:{spec}} ({s['min']:{spec}}–{s['max']:{spec}})"
+
+
+def _mb(b):
+    return "–" if b is None else f"{b / 1e6:.1f} MB"
+
+
+def markdown(results: dict) -> str:
+    rows = summarize(results)
+    s = results.get("settings", {})
+    lines = ["# pocketvlm bench", ""]
+    lines += [f"Question: “{s.get('question', '')}” · images: {', '.join(s.get('images', []))} · "
+              f"{s.get('runs')} runs after {s.get('warmup')} warm-up · {s.get('max_tokens')} generated tokens per run "
+              f"(end of sequence ignored). Cells: median (min–max).", ""]
+    lines += ["## Devices", "", "| id | CPU | cores | RAM | OS | accelerator | memory bandwidth |", "|---|---|---|---|---|---|---|"]
+    for d in results["devices"]:
+        lines.append(f"| {d['id']} | {d.get('cpu', '–')} | {d.get('cores', '–')} | "
+                     f"{_fmt((d.get('ram_bytes') or 0) / 2**30 or None, '.0f', ' GiB')} | {d.get('os', '–')} | "
+                     f"{d.get('accelerator', '–')} | {_fmt(d.get('memory_bandwidth_gbs'), '.1f', ' GB/s')} |")
+    lines += ["", "## Edge (measured)", "",
+              "| device | variant | size | load s | encode s | TTFT s | prefill tok/s | decode tok/s | "
+              "of roofline | e2e s | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = set()
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['device']} | {r['variant']} | failed: {r['error']} |||||||||")
+            continue
+        frac = _fmt(r.get("roofline_fraction", None) and 100 * r["roofline_fraction"], ".1f", "%")
+        lines.append(f"| {r['device']} | {r['variant']} | {_mb(r['size_bytes'])} | {_fmt(r['load_s'])} | "
+                     f"{_stat(r['encode_s'])} | {_stat(r['ttft_s'])} | {_stat(r['prefill_tok_s'], '.0f')} | "
+                     f"{_stat(r['decode_tok_s'], '.1f')} | {frac} | {_stat(r['e2e_s'])} | {_mb(r['peak_rss_bytes'])} |")
+        if r["note"]:
+            notes.add(f"{r['variant']}: {r['note']}")
+    lines += ["", "Roofline: decode tok/s ÷ (memory bandwidth ÷ weight bytes read per token) — the physical ceiling "
+              "of decode on this device."]
+    lines += [f"- {n}" for n in sorted(notes)]
+    lines += ["", "## Cloud", ""]
+    if not results["cloud"]:
+        lines.append("No cloud leg in this run.")
+    for c in results["cloud"]:
+        price = c["price"]
+        head = (f"**{c['name']}** (`{c['model']}`; ${price['input_per_m']:.2f} in / ${price['output_per_m']:.2f} out "
+                f"per M tokens, as of {price.get('date') or 'unknown'}, {price.get('source')})")
+        lines.append(head)
+        if c.get("error"):
+            lines.append(f"- request failed: {c['error']}")
+        if c.get("skipped"):
+            lines.append(f"- not measured: {c['skipped']}")
+        if c.get("records"):
+            recs = c["records"]
+            lines.append(f"- measured: TTFT {_stat(stats(r['ttft_s'] for r in recs))} s, total "
+                         f"{_stat(stats(r['e2e_s'] for r in recs))} s, output "
+                         f"{_stat(stats(r['output_tok_s'] for r in recs), '.1f')} tok/s, cost/query "
+                         f"${_stat(stats(r['cost_usd'] for r in recs), '.6f')}")
+        if c.get("estimate"):
+            e = c["estimate"]
+            lines.append(f"- **estimated** (no measurement): ~{e['prompt_tokens']} input + {e['completion_tokens']} "
+                         f"output tokens → ${e['cost_usd']:.6f} per query ({e['method']})")
+        lines.append("")
+    costs = results.get("costs", {})
+    if costs.get("rows"):
+        lines += ["## Cost", "",
+                  f"Edge energy: {_fmt(costs.get('power_w'), '.1f', ' W')} at "
+                  f"{_fmt(costs.get('kwh_price'), '.3f', ' $/kWh')}; device cost "
+                  f"{_fmt(costs.get('device_cost'), '.0f', ' $')} over {costs.get('amortize_months')} months.", "",
+                  "| device | variant | edge $/1k queries | cloud $/1k queries | cloud figure | break-even (queries) |",
+                  "|---|---|---|---|---|---|"]
+        for r in costs["rows"]:
+            lines.append(f"| {r['device']} | {r['variant']} | {_fmt(r['edge_per_1k'], '.4f')} | "
+                         f"{_fmt(r['cloud_per_1k'], '.4f')} | {'measured' if r['cloud_cost_measured'] else 'estimated'} | "
+                         f"{_fmt(r['break_even_queries'], ',.0f')} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict, out: Path) -> list[Path]:
+    """TTFT and decode speed per variant (cloud as a reference line), and cost against monthly volume."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .costs import monthly_costs
+
+    rows = [r for r in summarize(results) if not r["error"] and r["ttft_s"]]
+    labels = [f"{r['variant']}\n{r['device']}" if len(results["devices"]) > 1 else r["variant"] for r in rows]
+    cloud = [c for c in results["cloud"] if c.get("records")]
+    written = []
+    for metric, title, unit, cloud_key in (("ttft_s", "Time to first token", "s", "ttft_s"),
+                                           ("decode_tok_s", "Decode speed", "tokens/s", "output_tok_s")):
+        fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows) + 2), 4))
+        med = [r[metric]["median"] if r[metric] else 0 for r in rows]
+        err = [[m - r[metric]["min"] if r[metric] else 0 for m, r in zip(med, rows)],
+               [r[metric]["max"] - m if r[metric] else 0 for m, r in zip(med, rows)]]
+        ax.bar(range(len(rows)), med, yerr=err, color="#4c72b0", capsize=4)
+        for c in cloud:
+            value = stats(r.get(cloud_key) for r in c["records"])
+            if value:
+                ax.axhline(value["median"], color="#c44e52", linestyle="--", label=f"{c['name']} (measured)")
+        ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(unit)
+        ax.set_title(f"{title} (median, min–max)")
+        if cloud:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{metric.replace('_s', '').replace('_tok', '')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    costs = results.get("costs", {})
+    cost_rows = [r for r in costs.get("rows", []) if r.get("cloud_per_query") is not None]
+    if cost_rows:
+        volumes = [10 ** (k / 4) for k in range(8, 29)]  # 100 .. 10M queries a month
+        fig, ax = plt.subplots(figsize=(6, 4))
+        first = cost_rows[0]
+        curve = monthly_costs(volumes, first["cloud_per_query"], None, None, 1)
+        label = "cloud" + ("" if first["cloud_cost_measured"] else " (estimated)")
+        ax.plot(volumes, curve["cloud"], color="#c44e52", label=label)
+        for r in cost_rows:
+            curve = monthly_costs(volumes, r["cloud_per_query"], r["edge_per_query"], costs.get("device_cost"),
+                                  costs.get("amortize_months") or 24)
+            if any(curve["edge"]):  # without a power figure or a device cost, edge cost is unknown, not zero
+                ax.plot(volumes, curve["edge"], label=f"edge {r['variant']}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("queries per month")
+        ax.set_ylabel("USD per month")
+        ax.set_title("Cost against monthly volume")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "cost_vs_volume.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write(results: dict, out: Path, *, with_plots: bool = True) -> list[Path]:
+    """results.json, report.md and the plots into OUT (created if needed)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PocketVLMError(f"{out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(results))
+    written = [out / "results.json", out / "report.md"]
+    if with_plots:
+        try:
+            written += plots(results, out)
+        except ModuleNotFoundError:
+            import sys
+
+            print("pocketvlm: note: matplotlib is not installed, no plots (pip install 'pocketvlm[bench]')",
+                  file=sys.stderr)
+    return written

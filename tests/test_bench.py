@@ -1,0 +1,159 @@
+"""`pocketvlm bench`: edge measurements in subprocesses, the cloud leg against a loopback OpenAI-compatible server,
+results.json / report.md / plots, and merging results from several devices."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+from conftest import assert_user_error, run_cli
+from PIL import Image
+
+from pocketvlm.bench_device.costs import break_even_queries, edge_cost_per_query, monthly_costs
+from pocketvlm.runtime.server import make_server
+
+KEY = "sk-bench-test-key-42"
+
+
+@pytest.fixture(scope="module")
+def endpoint(reference):
+    server = make_server(reference, "127.0.0.1", 0, model_id="tiny-cloud", api_key=KEY)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def mlx_fp16(tiny_model, tmp_path_factory):
+    pytest.importorskip("mlx_vlm", reason="mlx-vlm is not installed")
+    out = tmp_path_factory.mktemp("bench") / "mlx-fp16"
+    assert run_cli("export", tiny_model, "--to", "mlx", "--quant", "fp16", "--out", out, "--quiet").returncode == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_model, mlx_fp16, endpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    proc = run_cli("bench", tiny_model, mlx_fp16, "--runs", 2, "--warmup", 1, "--max-tokens", 6,
+                   "--cloud", "openai-compatible", "--cloud-base-url", endpoint, "--cloud-model", "tiny-cloud",
+                   "--power-w", 15, "--device-cost", 800, "--out", out, env={"OPENAI_API_KEY": KEY})
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_results_json_has_every_run_and_the_device(bench_run):
+    out, _ = bench_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "pocketvlm.bench/1"
+    device = results["devices"][0]
+    assert device["cores"] >= 1 and device["memory_bandwidth_gbs"] > 0 and "torch" in device["engines"]
+    assert [v["id"] for v in results["variants"]] == ["reference-fp32", "mlx-fp16"]
+    n_images = len(results["settings"]["images"])
+    assert len(results["records"]) == 2 * n_images * 2
+    for r in results["records"]:
+        assert r["generated_tokens"] == 6 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["e2e_s"] >= r["ttft_s"]
+        assert r["device"] == device["id"] and r["measured"] is True
+    for v in results["variants"]:
+        assert v["peak_rss_bytes"] > 0 and v["size_bytes"] > 0 and v["load_s"] > 0
+        assert 0 < v["roofline_tok_s"]
+    mlx = results["variants"][1]
+    assert mlx["torch_loaded"] is False  # the MLX worker never imported torch
+    assert mlx["peak_rss_bytes"] < results["variants"][0]["peak_rss_bytes"]
+
+
+def test_cloud_leg_is_measured_against_the_loopback_server(bench_run):
+    out, _ = bench_run
+    results = json.loads((out / "results.json").read_text())
+    cloud = results["cloud"][0]
+    assert cloud["measured"] and cloud["model"] == "tiny-cloud" and "estimate" not in cloud
+    assert len(cloud["records"]) == 2 * len(results["settings"]["images"])
+    for r in cloud["records"]:
+        assert r["completion_tokens"] >= 1 and r["prompt_tokens"] > 0 and r["cost_usd"] == 0.0  # free endpoint
+    rows = results["costs"]["rows"]
+    assert {r["variant"] for r in rows} == {"reference-fp32", "mlx-fp16"}
+    assert all(r["edge_per_query"] > 0 and r["cloud_cost_measured"] for r in rows)
+    assert KEY not in (out / "results.json").read_text() + (out / "report.md").read_text()
+
+
+def test_report_and_plots_render(bench_run):
+    out, proc = bench_run
+    md = (out / "report.md").read_text()
+    assert "## Edge (measured)" in md and "reference-fp32" in md and "mlx-fp16" in md
+    assert "## Cloud" in md and "measured: TTFT" in md and "## Cost" in md
+    assert "not what Apple Silicon users see" in md  # MLX on Linux is labelled
+    for name in ("ttft.png", "decode.png", "cost_vs_volume.png"):
+        with Image.open(out / name) as img:
+            assert img.size[0] > 300 and img.size[1] > 200
+    assert "# pocketvlm bench" in proc.stdout
+
+
+def test_without_a_key_the_cloud_is_estimated_and_labelled(tiny_model, tmp_path):
+    proc = run_cli("bench", tiny_model, "--runs", 1, "--warmup", 0, "--max-tokens", 4, "--cloud",
+                   "mistral-medium-3", "--out", tmp_path, "--no-plots", env={"MISTRAL_API_KEY": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert "MISTRAL_API_KEY is not set" in proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    cloud = results["cloud"][0]
+    assert not cloud["measured"] and cloud["records"] == [] and cloud["estimate"]["cost_usd"] > 0
+    assert cloud["model"] == "mistral-medium-2505" and cloud["price"]["input_per_m"] == 0.40
+    assert results["records"]  # the edge leg still ran
+    md = (tmp_path / "report.md").read_text()
+    assert "**estimated**" in md and "| estimated |" in md
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_broken_artifact_is_reported_and_the_rest_still_runs(tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"x")
+    proc = run_cli("bench", broken, tiny_model, "--runs", 1, "--warmup", 0, "--max-tokens", 3, "--cloud", "none",
+                   "--out", tmp_path / "out", "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "model.safetensors" in results["variants"][0]["error"]
+    assert results["records"] and all(r["variant"] == results["variants"][1]["id"] for r in results["records"])
+
+
+def test_bench_report_merges_devices(bench_run, tmp_path):
+    out, _ = bench_run
+    other = json.loads((out / "results.json").read_text())
+    for d in other["devices"]:
+        d["id"], d["cpu"] = "iphone-15", "Apple A16 (phone-side runner)"
+    for key in ("variants", "records"):
+        for item in other[key]:
+            item["device"] = "iphone-15"
+    other["cloud"] = []
+    (tmp_path / "phone.json").write_text(json.dumps(other))
+    proc = run_cli("bench", "report", out / "results.json", tmp_path / "phone.json", "--out", tmp_path / "merged")
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert [d["id"] for d in merged["devices"]][1] == "iphone-15"
+    assert len(merged["records"]) == 2 * len(other["records"])
+    md = (tmp_path / "merged" / "report.md").read_text()
+    assert "Apple A16" in md and md.count("| iphone-15 |") >= 2
+    assert (tmp_path / "merged" / "ttft.png").is_file()
+
+
+def test_bench_errors_are_one_line(tiny_model, tmp_path):
+    assert_user_error(run_cli("bench", tmp_path / "nothing"), "no such artifact")
+    assert_user_error(run_cli("bench", tiny_model, "--cloud", "acme"), "unknown cloud provider 'acme'")
+    assert_user_error(run_cli("bench", tiny_model, "--runs", 0), "--runs >= 1")
+    assert_user_error(run_cli("bench", tiny_model, "--images", tmp_path / "none"), "no such folder")
+    (tmp_path / "bad.json").write_text("{}")
+    assert_user_error(run_cli("bench", "report", tmp_path / "bad.json", "--out", tmp_path / "o"),
+                      "not a pocketvlm bench results file")
+    assert_user_error(run_cli("bench", "report", tmp_path / "bad.json"), "usage: pocketvlm bench report")
+
+
+def test_cost_arithmetic():
+    # 15 W for 2 s = 30 J = 8.33e-6 kWh; at $0.30/kWh -> $2.5e-6
+    assert edge_cost_per_query(2.0, 15, 0.30) == pytest.approx(2.5e-6)
+    assert edge_cost_per_query(2.0, None, 0.30) is None
+    assert break_even_queries(800, 0.0, 0.0004) == pytest.approx(2_000_000)
+    assert break_even_queries(800, 0.001, 0.0004) is None  # edge never cheaper
+    assert break_even_queries(None, 0.0, 0.0004) is None
+    curve = monthly_costs([1000, 10000], 0.0004, 1e-6, 240, 24)
+    assert curve["cloud"] == pytest.approx([0.4, 4.0]) and curve["edge"] == pytest.approx([10.001, 10.01])
