@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +156,8 @@ class Processor:
         content.append({"type": "text", "text": request.question})
         template = DEFAULT_CHAT_TEMPLATE if request.video is not None else self.chat_template
         return _jinja(template).render(messages=[{"role": "user", "content": content}], add_generation_prompt=True)
+
+
 
     def encode(self, request: Request) -> Encoded:
         self._check_question(request)
@@ -324,6 +326,7 @@ def _find_chat_template(path: Path) -> str:
     return DEFAULT_CHAT_TEMPLATE
 
 
+@lru_cache(maxsize=8)
 def _jinja(template: str):
     # The environment transformers renders chat templates in, so whitespace handling is identical.
     import jinja2.ext

@@ -25,6 +25,7 @@ class Step:
     logits: np.ndarray | None = None  # float32 [vocab], only when asked for
     encode_s: float | None = None  # first step only: vision encoder time, where the engine exposes it
     prefill_s: float | None = None  # first step only: time to run the prompt through the text model
+    prompt_tokens: int | None = None  # first step only: length of the prompt the model saw
 
 
 @dataclass
@@ -84,7 +85,6 @@ class Backend(ABC):
     def run(self, request: Request, max_tokens: int, *, ignore_eos: bool = False, with_logits: bool = False,
             on_step: Callable[[Step], None] | None = None) -> Result:
         """Generate to the end, streaming to on_step, and summarise."""
-        prompt_tokens = len(self.prompt_token_ids(request))
         start = time.perf_counter()
         steps: list[Step] = []
         for step in self.generate(request, max_tokens, ignore_eos=ignore_eos, with_logits=with_logits):
@@ -94,6 +94,8 @@ class Backend(ABC):
         end = time.perf_counter()
         ids = [s.token_id for s in steps]
         first = steps[0] if steps else None
+        prompt_tokens = (first.prompt_tokens if first and first.prompt_tokens is not None
+                         else len(self.prompt_token_ids(request)))
         decode_s = steps[-1].time - first.time if len(steps) > 1 else None
         timings = Timings(
             load_s=self.load_s,
@@ -118,21 +120,27 @@ class Backend(ABC):
 
 
 class TextStream:
-    """Turns token ids into text deltas, holding back a partial UTF-8 character until it completes."""
+    """Turns token ids into text deltas in O(1) decode work per token, holding back a partial UTF-8 character.
+
+    Only a short window is re-decoded each step (the tokens since the last emitted piece, plus the one before for
+    context), as text-generation-inference does, instead of the whole answer.
+    """
 
     def __init__(self, processor: Processor):
         self.processor = processor
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = 0  # window start: context for the byte-level decoder
+        self.read = 0    # ids before this are already emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.processor.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[len(self.emitted):] if text.startswith(self.emitted) else text
-        self.emitted = text
-        return delta
+        decode = self.processor.decode
+        before = decode(self.ids[self.prefix:self.read])
+        text = decode(self.ids[self.prefix:])
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(before):]
+        return ""
 
 
 def next_input(token_id: int, n_generated: int, position: int, *, max_tokens: int, context: int,

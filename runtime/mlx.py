@@ -87,17 +87,32 @@ class MLXBackend(Backend):
         prefilled = time.perf_counter()
 
         position = ids.shape[1]
-        for n in range(1, (len(force) if force is not None else max_tokens) + 1):
-            token = int(mx.argmax(logits).item())
+        total = len(force) if force is not None else max_tokens
+        y = mx.argmax(logits)
+        for n in range(1, total + 1):
+            # Free-running greedy decoding computes step n+1 while Python handles step n (as mlx-lm does):
+            # the next input is the argmax itself, still on the device. At the end of sequence that one extra
+            # step is wasted, which costs less than a sync per token.
+            ahead = force is None and not with_logits and n < total and position < context
+            if ahead:
+                next_logits = language(y.reshape(1, 1), cache=cache).logits[0, -1]
+                next_y = mx.argmax(next_logits)
+                mx.async_eval(next_y)
+            token = int(y.item())
             first = n == 1
             yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(),
                        logits=np.array(logits.astype(mx.float32)) if with_logits else None,
                        encode_s=(encoded - start) if first and enc.pixel_values is not None else None,
-                       prefill_s=(prefilled - encoded) if first else None)
+                       prefill_s=(prefilled - encoded) if first else None,
+                       prompt_tokens=len(enc.input_ids) if first else None)
             fed = next_input(token, n, position, max_tokens=max_tokens, context=context,
                              eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
             if fed is None:
                 return
             position += 1
-            logits = language(mx.array([[fed]]), cache=cache).logits[0, -1]
-            mx.eval(logits)
+            if ahead:
+                logits, y = next_logits, next_y
+            else:
+                logits = language(mx.array([[fed]]), cache=cache).logits[0, -1]
+                y = mx.argmax(logits)
+                mx.eval(y)

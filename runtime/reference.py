@@ -73,7 +73,8 @@ class ReferenceBackend(Backend):
                 yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(),
                            logits=logits.float().numpy().copy() if with_logits else None,
                            encode_s=(encoded - start) if first and vision is not None else None,
-                           prefill_s=(prefilled - encoded) if first else None)
+                           prefill_s=(prefilled - encoded) if first else None,
+                           prompt_tokens=len(enc.input_ids) if first else None)
                 fed = next_input(token, n, position, max_tokens=max_tokens, context=context,
                                  eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
                 if fed is None:

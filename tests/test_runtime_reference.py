@@ -103,3 +103,15 @@ def test_open_backend_refuses_what_it_cannot_run(tmp_path, tiny_model):
     (art / "pocketvlm.json").write_text('{"schema": 1, "format": "tflite", "files": []}')
     with pytest.raises(ArtifactError, match="'tflite' artifacts are not supported"):
         open_backend(art)
+
+
+def test_text_stream_emits_whole_characters_only(reference):
+    from pocketvlm.runtime.base import TextStream
+
+    text = "Colors: é ü 🙂 日本 and 42.\n\nDone"
+    ids = reference.processor.tokenizer.encode(text, add_special_tokens=False).ids
+    stream = TextStream(reference.processor)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert sum(1 for p in pieces if p == "") > 0  # multi-byte characters were held back until complete
