@@ -1,0 +1,292 @@
+"""ONNX quantization with onnxruntime's own tools, and the last steps every ONNX artifact shares.
+
+int8: dynamic quantization (onnxruntime.quantization.quantize_dynamic): every MatMul with a constant weight gets
+      int8 weights (per output channel) and uint8 activations quantized at run time (MatMulInteger); the token
+      embedding table (Gather) is stored int8 too.
+q4:   weight-only 4-bit (MatMulNBitsQuantizer): every MatMul with a constant weight becomes MatMulNBits (blocks of 32
+      along the input dimension, symmetric, one fp32 scale per block), the token embedding table becomes
+      GatherBlockQuantized with the same blocks. Activations stay fp32 (accuracy_level 0), so an fp32 matmul with the
+      dequantized weights reproduces it: tests/test_onnx.py checks exactly that.
+fp16: (export only) every float tensor inside the graphs in fp16, inputs/outputs kept fp32 as transformers.js feeds
+      them; RMSNorm's mean-of-squares stays fp32 so large activations cannot overflow it.
+
+Each part is read from an fp32 artifact and written as <part><suffix>.onnx + .onnx_data. Afterwards the graphs are
+checked: no MatMul with a constant float weight may remain (or onnxruntime skipped it silently).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from pocketvlm.errors import ArtifactError, PocketVLMError
+from pocketvlm.runtime.onnx import DATA_SUFFIX, PARTS, SUBFOLDER, part_file
+
+QUANTS = ("int8", "q4")
+Q4_BLOCK_SIZE = 32
+Q4_ACCURACY_LEVEL = 0  # 0: fp32 activations (exact dequantized matmul); 4 would quantize activations to int8 too
+# fp16: ops kept in fp32 (with casts around them) on top of onnxruntime's default block list: RMSNorm's x**2 mean
+FP16_KEEP_FP32 = ("Pow", "ReduceMean", "Sqrt", "Reciprocal")
+
+
+def log(progress: bool, message: str) -> None:
+    if progress:
+        print(f"pocketvlm: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+def save(model, dest: Path) -> None:
+    """Write an onnx_ir model as DEST + DEST_data (weights), the layout transformers.js expects."""
+    import onnx_ir as ir
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, dest, external_data=dest.name + DATA_SUFFIX)
+
+
+def resave(src: Path, dest: Path) -> None:
+    """Copy a model written by onnxruntime's tools (weights in <name>.data, or inline) into our layout."""
+    import onnx_ir as ir
+
+    save(ir.load(src), dest)
+
+
+def load_proto(path: Path, root: Path, *, weights: bool = True):
+    """The ModelProto of one part (with its weights), any failure to read it as one line."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=weights)
+    except Exception as e:  # DecodeError on a corrupt graph, ValidationError/OSError on a weights file, ...
+        raise ArtifactError(f"{root}: cannot read {path.relative_to(root)} ({e.__class__.__name__}: "
+                            f"{' '.join(str(e).split())[:160]}); the artifact is corrupt or incomplete") from None
+
+
+def check_part(path: Path, root: Path) -> None:
+    """A part that parses and whose weights file holds every tensor it points into, or one line saying why not."""
+    import onnx
+
+    model = load_proto(path, root, weights=False)
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        data = path.parent / info.get("location", "")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if not data.is_file():
+            raise ArtifactError(f"{root}: {data.relative_to(root)} (the weights of {path.relative_to(root)}) is "
+                                f"missing; re-export the artifact")
+        if data.stat().st_size < end:
+            raise ArtifactError(f"{root}: {data.relative_to(root)} is truncated ({data.stat().st_size} bytes, "
+                                f"{tensor.name} ends at {end}); re-export the artifact")
+
+
+def op_counts(path: Path) -> collections.Counter:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return collections.Counter(node.op_type for node in model.graph.node)
+
+
+def float_weights(path: Path) -> dict[str, int]:
+    """Nodes that read a float initializer as their weight: MatMul (input B) and Gather (the table). int8/q4 must
+    leave none of the kinds they quantize."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    weights = {i.name for i in model.graph.initializer if i.data_type in floats and len(i.dims) == 2}
+    return {"MatMul": sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights),
+            "Gather": sum(1 for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights)}
+
+
+# --------------------------------------------------------------------------------------------- converting
+
+def convert_part(src: Path, dest: Path, part: str, quant: str, work: Path, root: Path) -> dict:
+    """One part of an fp32 artifact (checked with check_part) -> DEST in QUANT (int8, q4 or fp16). Returns what the
+    manifest records."""
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = work / f"{part}.onnx"
+    with _quiet_logs():
+        if quant == "int8":
+            _int8(src, tmp, part)
+        elif quant == "q4":
+            _q4(src, tmp, part, root)
+        elif quant == "fp16":
+            _fp16(src, tmp, root)
+        else:
+            raise PocketVLMError(f"unknown ONNX quant {quant!r}")
+    resave(tmp, dest)
+    shutil.rmtree(work, ignore_errors=True)
+    return _verify_part(src, dest, part, quant)
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """onnxruntime's tools log every node they touch (INFO) and advice (WARNING); their chatter is not ours."""
+    names = [""] + [n for n in logging.root.manager.loggerDict if n.startswith("onnxruntime")]
+    names += ["onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer"]
+    loggers = [logging.getLogger(n) for n in dict.fromkeys(names)]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _int8(src: Path, tmp: Path, part: str) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ops = ["MatMul", "Gather"] if part == "embed_tokens" else ["MatMul"]
+    quantize_dynamic(src, tmp, op_types_to_quantize=ops, per_channel=True, weight_type=QuantType.QInt8,
+                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+
+
+def _q4(src: Path, tmp: Path, part: str, root: Path) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    ops = ("MatMul", "Gather") if part == "embed_tokens" else ("MatMul",)
+    config = DefaultWeightOnlyQuantConfig(block_size=Q4_BLOCK_SIZE, is_symmetric=True,
+                                          accuracy_level=Q4_ACCURACY_LEVEL, op_types_to_quantize=ops,
+                                          quant_axes=(("Gather", 1),))
+    quantizer = MatMulNBitsQuantizer(load_proto(src, root), bits=4, block_size=Q4_BLOCK_SIZE, is_symmetric=True,
+                                     accuracy_level=Q4_ACCURACY_LEVEL, op_types_to_quantize=ops,
+                                     quant_axes=(("Gather", 1),), algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(tmp), use_external_data_format=True)
+
+
+def _fp16(src: Path, tmp: Path, root: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    # the exporter writes every value's type, so shape inference (which cannot serialise > 2 GB) is not needed
+    model = convert_float_to_float16(load_proto(src, root), keep_io_types=True, disable_shape_infer=True,
+                                     op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32))
+    onnx.save(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
+
+
+def _verify_part(src: Path, dest: Path, part: str, quant: str) -> dict:
+    """After conversion: every weight matmul (and the embedding table) is quantized; counts for the manifest."""
+    before, after = float_weights(src), float_weights(dest)
+    ops = op_counts(dest)
+    info = {"weight_matmuls": before["MatMul"]}
+    if quant == "fp16":
+        return info
+    info["quantized_matmuls"] = ops["MatMulInteger" if quant == "int8" else "MatMulNBits"]
+    if after["MatMul"] or info["quantized_matmuls"] != before["MatMul"]:
+        raise ArtifactError(f"{dest.name}: onnxruntime quantized {info['quantized_matmuls']} of {before['MatMul']} "
+                            f"weight matmuls ({after['MatMul']} left in float); refusing a partly quantized artifact")
+    if part == "embed_tokens":
+        if after["Gather"] or not before["Gather"]:
+            raise ArtifactError(f"{dest.name}: the token embedding table was not quantized")
+        info["quantized_embedding"] = True
+    return info
+
+
+# ------------------------------------------------------------------------------------- artifact-level steps
+
+def convert_artifact(src_root: Path, dest_root: Path, quant: str, *, progress: bool) -> dict:
+    """Every part of the fp32 artifact at SRC_ROOT -> DEST_ROOT in QUANT. Returns per-part info."""
+    for part in PARTS:  # every part readable before any work starts
+        src = src_root / part_file("fp32", part)
+        if not src.is_file():
+            raise ArtifactError(f"{src_root}: {part_file('fp32', part)} (the {part} graph) is missing; "
+                                f"re-export the artifact")
+        check_part(src, src_root)
+    info = {}
+    for part in PARTS:
+        src = src_root / part_file("fp32", part)
+        start = time.perf_counter()
+        log(progress, f"{quant}: {part} ...")
+        info[part] = convert_part(src, dest_root / part_file(quant, part), part, quant,
+                                  dest_root / f".work-{part}", src_root)
+        log(progress, f"{quant}: {part} done in {time.perf_counter() - start:.1f}s")
+    return info
+
+
+def method(quant: str) -> dict:
+    if quant == "int8":
+        return {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per output channel",
+                "activations": "uint8, dynamic", "ops": ["MatMul", "Gather (embed_tokens)"]}
+    if quant == "q4":
+        return {"tool": "onnxruntime.quantization.MatMulNBitsQuantizer", "op": "MatMulNBits / GatherBlockQuantized",
+                "bits": 4, "block_size": Q4_BLOCK_SIZE, "symmetric": True, "accuracy_level": Q4_ACCURACY_LEVEL}
+    if quant == "fp16":
+        return {"tool": "onnxruntime.transformers.float16", "io": "float32", "kept_fp32": list(FP16_KEEP_FP32)}
+    return {}
+
+
+def finish(folder: Path, quant: str, *, source: dict, tools: dict, parts: dict | None = None, **extra) -> None:
+    """Shared last steps of export and quantize: transformers.js hints, the chat template, the manifest."""
+    from pocketvlm.manifest import write_manifest
+
+    folder = Path(folder)
+    for part in PARTS:
+        if not (folder / part_file(quant, part)).is_file():
+            raise ArtifactError(f"bug: {part_file(quant, part)} was not written")
+    _transformers_js_config(folder, quant)
+    _embed_chat_template(folder)
+    write_manifest(folder, format="onnx", quant=quant, source=source, tools=tools,
+                   onnx={"files": {part: part_file(quant, part) for part in PARTS},
+                         "external_data": DATA_SUFFIX, "quantization": {**method(quant), "parts": parts or {}}},
+                   **extra)
+
+
+def _transformers_js_config(folder: Path, quant: str) -> None:
+    """config.json["transformers.js_config"]: which dtype's files to load, and that their weights are external."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    external = {}
+    for part in PARTS:
+        name = Path(part_file(quant, part)).name
+        if (folder / SUBFOLDER / (name + DATA_SUFFIX)).is_file():
+            external[name] = 1
+    config["transformers.js_config"] = {"dtype": quant, "use_external_data_format": external}
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _embed_chat_template(folder: Path) -> None:
+    """transformers.js reads the chat template from tokenizer_config.json only; copy chat_template.jinja there."""
+    template, tok_path = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    if not template.is_file() or not tok_path.is_file():
+        return
+    tok = json.loads(tok_path.read_text())
+    if "chat_template" not in tok:
+        tok["chat_template"] = template.read_text()
+        tok_path.write_text(json.dumps(tok, indent=2, ensure_ascii=False) + "\n")
+
+
+def tools() -> dict:
+    import onnx
+    import onnxruntime
+
+    from pocketvlm.export import base_tools
+
+    return {**base_tools(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bool, progress: bool) -> Path:
+    """int8/q4 from an fp32 ONNX artifact, parts quantized one by one with onnxruntime's tools."""
+    from pocketvlm.export import copy_processor_files
+    from pocketvlm.manifest import atomic_output
+
+    artifact = Path(artifact)
+    if manifest["quant"] != "fp32":
+        raise PocketVLMError(f"{artifact} is {manifest['quant']}; quantize from an fp32 ONNX export "
+                             f"(pocketvlm export SOURCE --to onnx --quant fp32)")
+    with atomic_output(out, force=force) as scratch:
+        copy_processor_files(artifact, scratch)
+        parts = convert_artifact(artifact, scratch, quant, progress=progress)
+        finish(scratch, quant, source=manifest["source"], tools=tools(), parts=parts,
+               derived_from={"path": str(artifact), "quant": manifest["quant"]})
+    return out

@@ -1,0 +1,193 @@
+"""ONNX backend: the three-part SmolVLM layout (the one Hugging Face's ONNX repos and transformers.js load) on
+onnxruntime. Does not import torch or transformers.
+
+    onnx/vision_encoder{sfx}.onnx        pixel_values [batch, tiles, 3, S, S] f32 + pixel_attention_mask bool
+                                         -> image_features [batch*tiles, image_seq_len, hidden]
+    onnx/embed_tokens{sfx}.onnx          input_ids [batch, seq] i64 -> inputs_embeds [batch, seq, hidden]
+    onnx/decoder_model_merged{sfx}.onnx  inputs_embeds, attention_mask [batch, past+seq], position_ids [batch, seq],
+                                         past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]
+                                         -> logits [batch, seq, vocab], present.{i}.key|value
+    (sfx: "" fp32, "_fp16", "_int8", "_q4"; every graph keeps its weights beside it in <file>.onnx_data)
+
+The prompt and pixels come from pocketvlm.prompt, so the tokens are the reference's by construction. Image
+features are written over the embeddings at the <image> positions here, on the host, as transformers.js does; the
+decoder is one graph for prefill (past length 0) and every decode step.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pocketvlm.errors import ArtifactError
+from pocketvlm.manifest import read_manifest
+from pocketvlm.prompt import Processor, Request
+
+from .base import Backend, Step, TextStream, next_input
+
+# The layout, shared with export/onnx.py and quantize/onnx.py (which import it from here: this module is torch-free).
+SUBFOLDER = "onnx"
+PARTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
+SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "q4": "_q4"}
+# transformers.js names its dtypes as we name our quants; config.json["transformers.js_config"]["dtype"] says which.
+DATA_SUFFIX = "_data"  # weights of X.onnx live in X.onnx_data (the Hugging Face / transformers.js convention)
+
+
+def part_file(quant: str, part: str) -> str:
+    """Path of one part inside an artifact, relative to its root."""
+    return f"{SUBFOLDER}/{part}{SUFFIXES[quant]}.onnx"
+
+
+def past_name(output_name: str) -> str:
+    return output_name.replace("present.", "past_key_values.", 1)
+
+
+def ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
+
+
+class ONNXBackend(Backend):
+    name = "onnx"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        manifest = read_manifest(self.path) or {}
+        self.quant = manifest.get("quant", "unknown")
+        if self.quant not in SUFFIXES:
+            raise ArtifactError(f"{self.path}: unknown ONNX quant {self.quant!r} in pocketvlm.json; re-export")
+        self.processor = Processor(self.path)
+        self.threads = threads
+        self.files = {part: self.path / part_file(self.quant, part) for part in PARTS}
+        listed = {entry["path"] for entry in manifest.get("files", [])}
+        for part in PARTS:
+            graph = part_file(self.quant, part)
+            for name, what in ((graph, f"the {part} graph"), (graph + DATA_SUFFIX, f"the weights of {graph}")):
+                if (name == graph or name in listed) and not (self.path / name).is_file():
+                    raise ArtifactError(f"{self.path}: {name} ({what}) is missing; re-export the artifact")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only; they become one-line ArtifactErrors below
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        start = time.perf_counter()
+        self.sessions = {part: _session(ort, f, options, self.path) for part, f in self.files.items()}
+        self.load_s = time.perf_counter() - start
+        self.vision = self.sessions["vision_encoder"]
+        self.embed = self.sessions["embed_tokens"]
+        self.decoder = self.sessions["decoder_model_merged"]
+        self.output_names = [o.name for o in self.decoder.get_outputs()]
+        self.past_inputs = {i.name: i for i in self.decoder.get_inputs() if i.name.startswith("past_key_values.")}
+        expected = {past_name(n) for n in self.output_names[1:]}
+        if self.output_names[:1] != ["logits"] or set(self.past_inputs) != expected or not expected:
+            raise ArtifactError(f"{self.path}: {part_file(self.quant, 'decoder_model_merged')} does not have the "
+                                f"decoder_model_merged inputs/outputs (logits, present.* <-> past_key_values.*)")
+        first = next(iter(self.past_inputs.values()))
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.kv_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        # what one decode step reads: the decoder's weights (the embedding table is its own part, one row per step)
+        decoder = self.files["decoder_model_merged"]
+        data = decoder.with_name(decoder.name + DATA_SUFFIX)
+        read = decoder.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        return {**super().describe(), "engine": f"onnxruntime {ort.__version__}",
+                "providers": self.decoder.get_providers(), "threads": self.threads or "default",
+                "decode_weight_bytes": read}
+
+    # ------------------------------------------------------------------------------------ the three parts
+
+    def embed_tokens(self, input_ids: np.ndarray) -> np.ndarray:
+        """[batch, seq] int64 -> [batch, seq, hidden] float32."""
+        return self.embed.run(None, {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)})[0]
+
+    def image_features(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> np.ndarray:
+        """Vision encoder + connector for one request's tiles, [1, tiles, 3, S, S] -> [tokens, hidden].
+
+        All-zero tiles are batch padding and are dropped first, as transformers' get_image_features does (if every
+        tile is zero, the first one stays)."""
+        tiles = pixel_values.reshape(-1, *pixel_values.shape[2:])
+        masks = pixel_attention_mask.reshape(-1, *pixel_attention_mask.shape[2:])
+        real = tiles.reshape(len(tiles), -1).any(axis=1)
+        real[0] |= not real.any()
+        feats = self.vision.run(None, {"pixel_values": np.ascontiguousarray(tiles[real][None], dtype=np.float32),
+                                       "pixel_attention_mask": np.ascontiguousarray(masks[real][None], dtype=bool)})[0]
+        return feats.reshape(-1, feats.shape[-1])
+
+    def merge(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """Write image features over the embeddings of the <image> tokens, in order (masked_scatter's order)."""
+        slots = input_ids == self.processor.image_token_id
+        if int(slots.sum()) != len(features):
+            raise ArtifactError(f"{self.path}: the vision encoder gave {len(features)} image embeddings for "
+                                f"{int(slots.sum())} <image> tokens; the artifact does not match its processor")
+        embeds[slots] = features.astype(embeds.dtype, copy=False)
+        return embeds
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        return {name: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype) for name in self.past_inputs}
+
+    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One decoder call: logits [batch, seq, vocab] and the grown KV cache."""
+        outputs = self.decoder.run(None, {"inputs_embeds": embeds, "attention_mask": attention_mask,
+                                          "position_ids": position_ids, **past})
+        return outputs[0], {past_name(n): v for n, v in zip(self.output_names[1:], outputs[1:])}
+
+    # ------------------------------------------------------------------------------------------- decoding
+
+    def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
+                 with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:
+        enc = self.processor.encode(request)
+        context = self.processor.config.context_length
+        stream = TextStream(self.processor)
+        ids = enc.input_ids[None]
+
+        start = time.perf_counter()
+        features = (self.image_features(enc.pixel_values, enc.pixel_attention_mask)
+                    if enc.pixel_values is not None else None)
+        encoded = time.perf_counter()
+        embeds = self.embed_tokens(ids)
+        if features is not None:
+            embeds = self.merge(ids, embeds, features)
+        n_prompt = ids.shape[1]
+        logits, past = self.forward(embeds, np.ones((1, n_prompt), np.int64), np.arange(n_prompt)[None], self.empty_past(1))
+        logits = logits[0, -1]
+        prefilled = time.perf_counter()
+
+        position = n_prompt
+        for n in range(1, (len(force) if force is not None else max_tokens) + 1):
+            token = int(np.argmax(logits))
+            first = n == 1
+            yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(),
+                       logits=logits.astype(np.float32, copy=True) if with_logits else None,
+                       encode_s=(encoded - start) if first and features is not None else None,
+                       prefill_s=(prefilled - encoded) if first else None)
+            fed = next_input(token, n, position, max_tokens=max_tokens, context=context,
+                             eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
+            if fed is None:
+                return
+            step_embeds = self.embed_tokens(np.array([[fed]], np.int64))
+            position += 1
+            logits, past = self.forward(step_embeds, np.ones((1, position), np.int64),
+                                        np.array([[position - 1]], np.int64), past)
+            logits = logits[0, -1]
+
+
+def _session(ort, path: Path, options, root: Path):
+    """An InferenceSession, any failure to load (truncated or corrupt graph, missing weights file) as one line."""
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/RuntimeException types
+        reason = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", " ".join(str(e).split()))
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        raise ArtifactError(f"{root}: onnxruntime cannot load {path.relative_to(root)} ({reason}); "
+                            f"the artifact is corrupt or incomplete, re-export it") from None

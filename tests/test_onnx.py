@@ -1,0 +1,417 @@
+"""ONNX path: export every quant of the tiny model, check each against the reference, run it on onnxruntime and in
+transformers.js, verify q4 by dequantizing its weights, and refuse broken artifacts in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_user_error, draw_image, load_json, run_cli, write_video
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'pocketvlm[onnx]')")
+pytest.importorskip("onnx", reason="onnx is not installed (pip install 'pocketvlm[onnx]')")
+
+from pocketvlm.prompt import Request  # noqa: E402
+from pocketvlm.runtime import open_backend  # noqa: E402
+from pocketvlm.runtime.onnx import PARTS, ONNXBackend, part_file  # noqa: E402
+
+QUANTS = ("fp32", "fp16", "int8", "q4")
+JS_DIR = Path(__file__).parent / "js"
+NODE = shutil.which("node")
+NPM_CI = "ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix tests/js"
+
+
+@pytest.fixture(scope="module")
+def onnx_exports(tiny_model, tmp_path_factory):
+    """fp32, fp16 and int8 exported; q4 quantized from the fp32 export (both routes run the same conversion)."""
+    root = tmp_path_factory.mktemp("onnx")
+    out = {quant: root / quant for quant in QUANTS}
+    for quant in ("fp32", "fp16", "int8"):
+        proc = run_cli("export", tiny_model, "--to", "onnx", "--quant", quant, "--out", out[quant], "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        assert not proc.stdout.strip() and proc.stderr.strip() == f"wrote {out[quant]}", proc.stdout + proc.stderr
+    proc = run_cli("quantize", out["fp32"], "--quant", "q4", "--out", out["q4"], "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def backends(onnx_exports):
+    return {quant: open_backend(path) for quant, path in onnx_exports.items()}
+
+
+def check(artifact, tiny_model, tmp_path):
+    report = tmp_path / f"{artifact.name}.json"
+    proc = run_cli("check", artifact, "--reference", tiny_model, "--report", report)
+    return proc, json.loads(report.read_text())
+
+
+def circle_request(question="What color is the circle?", **kwargs):
+    return Request(question, images=[draw_image(**kwargs)])
+
+
+# ------------------------------------------------------------------------------------------------ fidelity
+
+def test_fp32_reproduces_the_reference_tokens_and_logits(onnx_exports, tiny_model, tmp_path):
+    proc, report = check(onnx_exports["fp32"], tiny_model, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = report["summary"]
+    assert s["greedy_match"] and report["max_tokens"] == 32 and report["pass"]
+    assert all(r["matching_prefix"] == 32 for r in report["samples"])
+    assert {r["sample"] for r in report["samples"]} >= {"circle", "squares", "video", "text"}
+    assert s["first_max_abs_dlogit"] < 1e-4, s
+    assert s["top1"] == 1.0 and s["kld_mean"] < 1e-6
+
+
+@pytest.mark.parametrize("quant", ["fp16", "int8", "q4"])
+def test_lower_precision_exports_report_their_cost_and_pass_their_gates(onnx_exports, tiny_model, tmp_path, quant):
+    proc, report = check(onnx_exports[quant], tiny_model, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = report["summary"]
+    assert s["kld_mean"] > 1e-6 and 0 < s["top1"] <= 1  # real numbers, not an fp32 copy
+    assert report["thresholds"] and report["pass"], report["failures"]
+    print(f"onnx {quant}: KLD mean {s['kld_mean']:.3g} max {s['kld_max']:.3g} top-1 {s['top1']:.3f} "
+          f"first |dlogit| {s['first_max_abs_dlogit']:.3g}")
+
+
+def test_prompts_and_tokens_equal_the_reference(backends, reference, video_file):
+    from pocketvlm.media import load_video
+
+    backend = backends["fp32"]
+    cfg = backend.processor.config
+    requests = {
+        "image": circle_request(),
+        "two images": Request("Which picture has more red?", images=[draw_image(seed=1), draw_image(90, 160, seed=2)]),
+        "video": Request("What happens?", video=load_video(video_file, fps=cfg.video_fps,
+                                                            max_frames=cfg.video_max_frames)),
+        "text": Request("Name three colors."),
+    }
+    for name, request in requests.items():
+        ids = backend.prompt_token_ids(request)
+        assert ids == reference.prompt_token_ids(request), name
+        assert (backend.processor.image_token_id in ids) == (name != "text"), name
+        ours = backend.run(request, 6, ignore_eos=True).token_ids
+        assert ours == reference.run(request, 6, ignore_eos=True).token_ids, name
+
+
+def test_batch_of_two_with_left_padding_gives_each_row_its_own_logits(backends):
+    """The decoder graph through onnxruntime directly: two prompts of different lengths, left-padded into one batch,
+    prefill + decode steps; every row's logits equal the same prompt run alone."""
+    backend = backends["fp32"]
+    requests = [circle_request(seed=1),
+                Request("Describe everything you can see in this picture, please.", images=[draw_image(90, 160, seed=2)])]
+    steps = 4
+    alone = [list(backend.generate(r, steps, ignore_eos=True, with_logits=True)) for r in requests]
+    rows = []
+    for request in requests:
+        enc = backend.processor.encode(request)
+        ids = enc.input_ids[None]
+        features = backend.image_features(enc.pixel_values, enc.pixel_attention_mask)
+        rows.append(backend.merge(ids, backend.embed_tokens(ids), features)[0])
+    lengths = [len(r) for r in rows]
+    assert lengths[0] != lengths[1]
+    width = max(lengths)
+    pad = backend.embed_tokens(np.array([[0]]))[0, 0]
+    embeds = np.tile(pad, (2, width, 1)).astype(np.float32)
+    mask = np.zeros((2, width), np.int64)
+    for i, row in enumerate(rows):
+        embeds[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
+    feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **backend.empty_past(2)}
+    for step in range(steps):
+        outputs = backend.decoder.run(None, feed)
+        logits = outputs[0][:, -1]
+        for i in range(2):
+            diff = np.abs(logits[i] - alone[i][step].logits).max()
+            assert diff < 1e-4, (step, i, diff)
+        tokens = np.array([[alone[0][step].token_id], [alone[1][step].token_id]], np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        feed = {"inputs_embeds": backend.embed_tokens(tokens), "attention_mask": mask,
+                "position_ids": positions[:, -1:] + step + 1,
+                **{name.replace("present.", "past_key_values."): value
+                   for name, value in zip(backend.output_names[1:], outputs[1:])}}
+
+
+def test_q4_logits_are_exactly_the_dequantized_weights(onnx_exports, tiny_model):
+    """Unpack every MatMulNBits / GatherBlockQuantized weight of the q4 artifact, load the dequantized weights into
+    the transformers model, and run it: its logits must be onnxruntime's q4 logits (fp32 arithmetic on both)."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from pocketvlm.runtime.reference import ReferenceBackend
+
+    ref = ReferenceBackend(tiny_model)
+    params = dict(ref.model.named_parameters())
+    expected = {f"{name}.weight" for name, module in ref.model.named_modules() if isinstance(module, torch.nn.Linear)}
+    expected.add("model.text_model.embed_tokens.weight")
+    loaded = set()
+    for part in PARTS:
+        graph = onnx.load(str(onnx_exports["q4"] / part_file("q4", part)))
+        weights = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+        for node in graph.graph.node:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "MatMulNBits":
+                k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+                assert attrs["bits"] == 4 and block == 32 and len(node.input) == 3  # symmetric: zero point 8
+                packed = weights[node.input[1]]  # [N, blocks, block/2], low nibble first
+                q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.float32)
+                scales = np.repeat(weights[node.input[2]].reshape(n, -1), block, axis=1)
+                w = ((q - 8) * scales)[:, :k]  # [N, K]: the Linear's [out, in]
+                name = node.input[1].removesuffix("_Q4").removesuffix(".T")
+            elif node.op_type == "GatherBlockQuantized":
+                assert attrs["quantize_axis"] == 1 and attrs["block_size"] == 32
+                q = weights[node.input[0]].astype(np.float32)  # int4, symmetric
+                w = q * np.repeat(weights[node.input[2]], attrs["block_size"], axis=1)[:, :q.shape[1]]
+                name = node.input[0].removesuffix("_Q4")
+            else:
+                continue
+            assert name in params and tuple(params[name].shape) == w.shape, name
+            with torch.no_grad():
+                params[name].copy_(torch.from_numpy(np.ascontiguousarray(w)))
+            loaded.add(name)
+    assert loaded == expected  # every weight matmul and the embedding table are 4-bit, and all were checked
+
+    request = circle_request()
+    ours = list(open_backend(onnx_exports["q4"]).generate(request, 4, ignore_eos=True, with_logits=True))
+    theirs = list(ref.generate(request, 4, with_logits=True, force=[s.token_id for s in ours]))
+    fp32 = list(ReferenceBackend(tiny_model).generate(request, 1, with_logits=True))
+    for a, b in zip(ours, theirs):
+        assert np.abs(a.logits - b.logits).max() < 2e-4
+    assert np.abs(ours[0].logits - fp32[0].logits).max() > 0.1  # 4-bit is visibly not fp32: the match means something
+
+
+# ------------------------------------------------------------------------------------------ layout, backend
+
+def test_layout_manifest_and_sizes(onnx_exports):
+    import onnx
+
+    sizes = {}
+    for quant, path in onnx_exports.items():
+        manifest = load_json(path / "pocketvlm.json")
+        assert manifest["format"] == "onnx" and manifest["quant"] == quant
+        listed = {f["path"] for f in manifest["files"]}
+        for part in PARTS:
+            assert part_file(quant, part) in listed and part_file(quant, part) + "_data" in listed
+        assert not any(p.startswith(".") or "/." in p for p in listed)  # no work folders left behind
+        assert {"config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json",
+                "processor_config.json"} <= listed
+        config = load_json(path / "config.json")
+        assert config["transformers.js_config"]["dtype"] == quant
+        assert "<image>" in load_json(path / "tokenizer_config.json")["chat_template"]
+        sizes[quant] = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("onnx/"))
+        decoder = onnx.load(str(path / part_file(quant, "decoder_model_merged")), load_external_data=False)
+        inputs = {i.name: i.type.tensor_type for i in decoder.graph.input}
+        assert list(inputs)[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+        assert inputs["past_key_values.0.key"].elem_type == onnx.TensorProto.FLOAT  # fp32 I/O in every quant
+        dims = [d.dim_param or d.dim_value for d in inputs["past_key_values.0.key"].shape.dim]
+        assert dims[0] == "batch_size" and isinstance(dims[1], int) and isinstance(dims[3], int)  # transformers.js
+        assert [o.name for o in decoder.graph.output][:2] == ["logits", "present.0.key"]
+        if quant != "fp32":
+            info = manifest["onnx"]["quantization"]["parts"]
+            assert set(info) == set(PARTS)
+            if quant != "fp16":
+                assert all(p["quantized_matmuls"] == p["weight_matmuls"] > 0 for n, p in info.items()
+                           if n != "embed_tokens") and info["embed_tokens"]["quantized_embedding"]
+    assert sizes["q4"] < sizes["int8"] < sizes["fp16"] < sizes["fp32"], sizes
+    print("onnx sizes (bytes):", sizes)
+
+
+def test_backend_runs_torch_free_with_timings(onnx_exports, image_file):
+    script = f"""
+import json, sys
+from pocketvlm.media import open_image
+from pocketvlm.prompt import Request
+from pocketvlm.runtime import open_backend
+b = open_backend({str(onnx_exports['int8'])!r}, threads=1)
+r = b.run(Request("What is it?", images=[open_image({str(image_file)!r})]), 6, ignore_eos=True)
+print(json.dumps({{"result": r.to_json(), "describe": b.describe(),
+                  "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert not out["torch"] and not out["transformers"]
+    result, info = out["result"], out["describe"]
+    assert result["backend"] == "onnx" and result["quant"] == "int8" and len(result["token_ids"]) == 6
+    t = result["timings"]
+    assert t["load_s"] > 0 and t["encode_s"] > 0 and t["ttft_s"] > 0 and t["prefill_tok_s"] > 0 and t["decode_tok_s"] > 0
+    assert info["engine"].startswith("onnxruntime ") and info["threads"] == 1 and info["decode_weight_bytes"] > 0
+
+
+def test_ask_answers_on_onnx_artifacts(onnx_exports, image_file):
+    for quant in ("q4", "fp32"):
+        proc = run_cli("ask", onnx_exports[quant], "What is it?", "--image", image_file, "--max-tokens", 5, "--json")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["backend"] == "onnx" and out["quant"] == quant and 1 <= len(out["token_ids"]) <= 5
+    proc = run_cli("ask", onnx_exports["fp16"], "What is it?", "--image", image_file, "--max-tokens", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert "onnx fp16" in proc.stderr and "decode" in proc.stderr
+
+
+def test_quantize_an_fp32_artifact_to_int8(onnx_exports, tiny_model, tmp_path):
+    out = tmp_path / "int8"
+    proc = run_cli("quantize", onnx_exports["fp32"], "--quant", "int8", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    manifest = load_json(out / "pocketvlm.json")
+    assert manifest["format"] == "onnx" and manifest["quant"] == "int8"
+    assert manifest["derived_from"]["quant"] == "fp32" and manifest["source"]["path"] == str(tiny_model)
+    for part in PARTS:  # the same bytes as exporting straight to int8
+        assert (out / part_file("int8", part)).read_bytes() == \
+            (onnx_exports["int8"] / part_file("int8", part)).read_bytes()
+    proc, report = check(out, tiny_model, tmp_path)
+    assert proc.returncode == 0 and report["pass"], proc.stdout + proc.stderr
+    assert_user_error(run_cli("quantize", out, "--quant", "q4", "--out", tmp_path / "again"),
+                      "is int8; quantize from an fp32 ONNX export")
+    assert not (tmp_path / "again").exists()
+
+
+# ------------------------------------------------------------------------------------------- transformers.js
+
+def run_js(artifact: Path, image: Path, question: str, max_tokens: int) -> dict:
+    proc = subprocess.run([NODE, "--import", str(JS_DIR / "netguard.mjs"), str(JS_DIR / "generate.mjs"),
+                           str(artifact), str(image), question, str(max_tokens)],
+                          capture_output=True, text=True, timeout=300, cwd=JS_DIR, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed: the transformers.js check needs Node.js 20+")
+@pytest.mark.skipif(not (JS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir(),
+                    reason=f"transformers.js is not installed in tests/js/node_modules (run: {NPM_CI})")
+@pytest.mark.parametrize("quant", QUANTS)
+def test_transformers_js_answers_with_our_tokens(onnx_exports, backends, tmp_path, quant):
+    """transformers.js loads the export as a SmolVLM model from a local folder (processor, chat template, the dtype
+    in config.json) and generates greedily: the same prompt ids and the same answer tokens as ONNXBackend.
+
+    A solid-colour picture, because transformers.js resizes images its own way (bilinear on the normalised tensor,
+    where transformers and pocketvlm use PIL's Lanczos): pixels of any other picture differ slightly, and on a random
+    model so can the tokens. A solid colour gives the same pixels under any resampler; a drawn picture still checks
+    the prompt layout (tiles, rows, columns)."""
+    from PIL import Image
+
+    solid = tmp_path / "solid.png"
+    Image.new("RGB", (200, 150), (200, 60, 40)).save(solid)
+    question = "What color is it?"
+    js = run_js(onnx_exports[quant], solid, question, 16)
+    request = Request(question, images=[Image.open(solid)])
+    ours = backends[quant].run(request, 16)
+    assert js["dtype"] == quant
+    assert js["prompt_ids"] == backends[quant].prompt_token_ids(request)
+    assert js["pixel_values_shape"] == list(backends[quant].processor.encode(request).pixel_values.shape)
+    assert js["generated_ids"] == ours.token_ids
+    if quant == "fp32":
+        drawn = tmp_path / "drawn.png"
+        draw_image(120, 200, seed=4).save(drawn)
+        js = run_js(onnx_exports[quant], drawn, "Describe it.", 2)
+        assert js["prompt_ids"] == backends[quant].prompt_token_ids(Request("Describe it.", images=[Image.open(drawn)]))
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+def rehash(artifact: Path) -> None:
+    """Make pocketvlm.json agree with the files again (drop missing ones), so the damage reaches the loaders."""
+    manifest = load_json(artifact / "pocketvlm.json")
+    files = []
+    for entry in manifest["files"]:
+        f = artifact / entry["path"]
+        if f.is_file():
+            files.append({**entry, "bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()})
+    manifest["files"] = files
+    (artifact / "pocketvlm.json").write_text(json.dumps(manifest))
+
+
+def no_leftovers(folder: Path, *names: str) -> None:
+    assert not [p.name for p in folder.iterdir() if ".partial-" in p.name]
+    for name in names:
+        assert not (folder / name).exists(), name
+
+
+@pytest.mark.parametrize("damage", ["truncated graph", "missing part", "missing weights file", "truncated weights"])
+def test_broken_artifacts_are_refused_in_one_line(onnx_exports, image_file, tmp_path, damage):
+    art = tmp_path / "art"
+    shutil.copytree(onnx_exports["fp32"], art)
+    target = {"truncated graph": "onnx/decoder_model_merged.onnx", "missing part": "onnx/embed_tokens.onnx",
+              "missing weights file": "onnx/vision_encoder.onnx_data",
+              "truncated weights": "onnx/decoder_model_merged.onnx_data"}[damage]
+    if damage.startswith("truncated"):
+        data = (art / target).read_bytes()
+        (art / target).write_bytes(data[: len(data) // 2])
+    else:
+        (art / target).unlink()
+
+    def attempts(*fragments):
+        assert_user_error(run_cli("ask", art, "What is it?", "--image", image_file, "--max-tokens", 2), *fragments)
+        assert_user_error(run_cli("quantize", art, "--quant", "q4", "--out", tmp_path / "q4", "--quiet"),
+                          *fragments)
+        no_leftovers(tmp_path, "q4")
+
+    # as a user meets it: the manifest no longer matches
+    attempts(target, "missing" if damage.startswith("missing") else "manifest says")
+    # and past the manifest (edited to match): onnxruntime / onnx refuse the files, still in one line
+    rehash(art)
+    attempts(target.removesuffix("_data") if damage != "missing part" else target)
+
+
+def test_unknown_quants_and_options_are_refused(onnx_exports, tiny_model, tmp_path):
+    assert_user_error(run_cli("export", tiny_model, "--to", "onnx", "--quant", "int4", "--out", tmp_path / "x"),
+                      "unknown --quant 'int4' for onnx", "fp32, fp16, int8, q4")
+    assert_user_error(run_cli("export", tiny_model, "--to", "onnx", "--group-size", "32", "--out", tmp_path / "x"),
+                      "--group-size does not apply to onnx")
+    assert_user_error(run_cli("quantize", onnx_exports["fp32"], "--quant", "fp16", "--out", tmp_path / "x"),
+                      "unknown --quant 'fp16' for onnx", "int8, q4")
+    art = tmp_path / "odd"
+    shutil.copytree(onnx_exports["fp32"], art)
+    manifest = load_json(art / "pocketvlm.json")
+    manifest["quant"] = "int3"
+    (art / "pocketvlm.json").write_text(json.dumps(manifest))
+    assert_user_error(run_cli("ask", art, "Hi?", "--max-tokens", 1), "unknown ONNX quant 'int3'")
+    no_leftovers(tmp_path, "x")
+
+
+# ---------------------------------------------------------------------------------------------- real shape
+
+@pytest.mark.slow
+def test_500m_shape_exports_and_runs(tmp_path_factory):
+    """The real SmolVLM2-500M shape (random weights): fp32 export, same prompt tokens as the reference, a few tokens
+    generated. Prints export time, sizes and the export's peak RSS."""
+    import resource
+    import time
+
+    from pocketvlm.media import open_image  # noqa: F401  (keeps the import cost out of the timings below)
+
+    root = tmp_path_factory.mktemp("onnx500m")
+    src, out = root / "src", root / "onnx"
+    proc = run_cli("make-model", src, "--preset", "500m", "--quiet", timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = run_cli("export", src, "--to", "onnx", "--out", out, timeout=3600)
+    export_s = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert proc.returncode == 0, proc.stderr
+    sizes = {f["path"]: f["bytes"] for f in load_json(out / "pocketvlm.json")["files"]}
+    assert sizes["onnx/decoder_model_merged.onnx_data"] > 1_000_000_000
+
+    from pocketvlm.runtime.reference import ReferenceBackend
+
+    backend = open_backend(out)
+    request = Request("What is in the picture?", images=[draw_image(640, 480)])
+    reference = ReferenceBackend(src)
+    assert backend.prompt_token_ids(request) == reference.prompt_token_ids(request)
+    result = backend.run(request, 4, ignore_eos=True)
+    ref = reference.run(request, 4, ignore_eos=True)
+    assert len(result.token_ids) == 4 and result.token_ids[0] == ref.token_ids[0]
+    print(f"500m onnx fp32: export {export_s:.0f}s (peak RSS of the largest child so far {peak_kib / 2**20:.1f} GiB, "
+          f"before {before / 2**20:.1f} GiB), load {result.timings.load_s:.1f}s, encode {result.timings.encode_s:.1f}s,"
+          f" ttft {result.timings.ttft_s:.1f}s, decode {result.timings.decode_tok_s:.2f} tok/s, "
+          f"onnx bytes {sum(v for k, v in sizes.items() if k.startswith('onnx/'))}")
