@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pocketvlm.errors import PocketVLMError
 from pocketvlm.export import base_tools, copy_processor_files, source_record
-from pocketvlm.manifest import atomic_output, write_manifest
+from pocketvlm.manifest import atomic_output, refuse_existing, write_manifest
 from pocketvlm.models import ModelSource
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
@@ -44,6 +44,7 @@ DISTRIBUTION = "llama-cpp-python"
 # What the converter needs from the sdist's vendor/llama.cpp: the script, its model classes, its gguf-py.
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
 # SmolLM2's pre-tokenizer (split digits one by one, then GPT-2 byte-level regex), as tokenizer.json states it.
+PRETOKENIZER_FALLBACK_NOTE = "so writing tokenizer.ggml.pre = 'smollm'"
 SMOLLM_PRETOKENIZER = [{"type": "Digits", "individual_digits": True},
                        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]
 
@@ -229,8 +230,7 @@ def _converter_main(root: Path, argv: list[str]) -> int:
             except NotImplementedError:
                 if _declares_smollm_pretokenizer(Path(self.dir_model) / "tokenizer.json"):
                     print("pocketvlm: BPE pre-tokenizer hash unknown to the converter; tokenizer.json declares "
-                          "SmolLM2's (digits + byte-level), so writing tokenizer.ggml.pre = 'smollm'",
-                          file=sys.stderr)
+                          f"SmolLM2's (digits + byte-level), {PRETOKENIZER_FALLBACK_NOTE}", file=sys.stderr)
                     return "smollm"
                 print("pocketvlm-converter-error: the tokenizer's BPE pre-tokenizer is unknown to llama.cpp's "
                       "converter and is not SmolLM2's", file=sys.stderr)
@@ -266,8 +266,6 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool, progress:
     mmproj_quant = mmproj_quant or "f16"
     if mmproj_quant not in MMPROJ_QUANTS:
         raise PocketVLMError(f"unknown --mmproj-quant {mmproj_quant!r}; choose one of: {', '.join(MMPROJ_QUANTS)}")
-    from pocketvlm.manifest import refuse_existing
-
     refuse_existing(out, force)  # before a possibly long converter download
     converter = resolve_converter(llama_cpp_dir, progress=progress)
 
@@ -304,7 +302,7 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool, progress:
             tools={**base_tools(), **gguf_quant.engine_tools(), "converter": converter.origin,
                    **({"gguf-py": converter.gguf_py_version} if converter.gguf_py_version else {})},
             gguf={"model": model_name, "mmproj": mmproj_name, "mmproj_quant": mmproj_quant,
-                  "pre_tokenizer_fallback": "smollm" if "tokenizer.ggml.pre = 'smollm'" in log else None,
+                  "pre_tokenizer_fallback": "smollm" if PRETOKENIZER_FALLBACK_NOTE in log else None,
                   "bits_per_weight": round(bpw, 3), "timings": timings},
             **({"quantization": report} if report else {}),
         )

@@ -1,11 +1,13 @@
 """The GGUF backend: llama.cpp (through llama-cpp-python's low-level API and its multimodal library, mtmd), greedy,
 on the CPU, fed exactly the prompt the reference sees.
 
-llama.cpp's own SmolVLM image path picks its own tiling (at the real shapes: an overview plus slices of its choosing,
-not transformers' grid), so this backend does not let it lay out the prompt. It takes pocketvlm's Processor output
-(the reference's token ids, tiles and order), encodes each tile as its own image through mtmd -- with mtmd's
-preprocessing pinned to one tile of the model's size, so the tile reaches the vision encoder unchanged -- and
-decodes the prompt itself: text runs as token batches, each run of <image> tokens as that tile's embeddings.
+llama.cpp re-implements SmolVLM's image tiling in C++ (older builds laid real-shape images out differently from
+transformers; the one in llama-cpp-python 0.3.36 agrees for single images), has no SmolVLM video prompt, and its
+generic chat handler renders "User: " with a stray space. So this backend never lets it lay out the prompt: it takes
+pocketvlm's Processor output (the reference's token ids, tiles and order), encodes each tile as its own image through
+mtmd -- with mtmd's preprocessing pinned to one tile of the encoder's size, so the tile reaches the vision encoder
+unchanged -- and decodes the prompt itself: text runs as token batches, each run of <image> tokens as the embeddings
+of its tile.
 
 Also here: a small reader of the GGUF container (header, metadata, tensor table) with no dependency, used to refuse
 truncated, foreign or mismatched files with one line before llama.cpp sees them, and to report tensor types.
@@ -14,6 +16,7 @@ Imports neither torch nor transformers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -317,22 +320,17 @@ class _EngineLog:
         with self.lock:
             self.recent.clear()
 
+    @contextlib.contextmanager
     def capture(self):
-        log = self
-
-        class _Capture:
-            def __enter__(self):
-                self.lines: list[str] = []
-                with log.lock:
-                    log.captures.append(self.lines)
-                return self.lines
-
-            def __exit__(self, *exc):
-                with log.lock:
-                    log.captures.remove(self.lines)
-                return False
-
-        return _Capture()
+        """Collect every log message emitted inside the block."""
+        lines: list[str] = []
+        with self.lock:
+            self.captures.append(lines)
+        try:
+            yield lines
+        finally:
+            with self.lock:
+                self.captures.remove(lines)
 
 
 ENGINE_LOG = _EngineLog()
@@ -399,8 +397,12 @@ class GGUFBackend(Backend):
         self._n_ctx = 0
         self.last_prefill: Prefill | None = None
 
-        import llama_cpp
-        import llama_cpp.mtmd_cpp as mtmd
+        try:
+            import llama_cpp
+            import llama_cpp.mtmd_cpp as mtmd
+        except ModuleNotFoundError:
+            raise PocketVLMError("running GGUF artifacts needs llama-cpp-python: pip install 'pocketvlm[gguf]'") \
+                from None
 
         self._llama, self._mtmd_lib = llama_cpp, mtmd
         ENGINE_LOG.install()

@@ -436,8 +436,8 @@ def test_fetch_converter_prints_the_cached_folder():
 
 @pytest.mark.slow
 def test_real_500m_shape_exports_and_runs_the_reference_layout(tmp_path):
-    """At SmolVLM2-500M's shape, where llama.cpp's own image path would lay the image out differently, the backend
-    feeds transformers' 4x4 + global tiling (17 tiles, 1,100+ prompt tokens) exactly and generates."""
+    """At SmolVLM2-500M's real shape the backend feeds transformers' 4x4 + global tiling (17 tiles of 512 px,
+    1,147 prompt tokens) exactly, generates, and its first step matches the reference's distribution."""
     from pocketvlm.runtime.gguf import GGUFBackend
 
     times = {}
