@@ -14,8 +14,9 @@ from .errors import EXIT_USER_ERROR, PocketVLMError
 def _make_model(args) -> int:
     from .models import make_model
 
-    out = make_model(args.out, args.preset, seed=args.seed, force=args.force, progress=not args.quiet)
-    print(f"wrote {out} ({args.preset}, seed {args.seed})", file=sys.stderr)
+    out = make_model(args.out, args.preset, seed=args.seed, force=args.force, progress=not args.quiet,
+                     train=args.train)
+    print(f"wrote {out} ({args.preset}, seed {args.seed}{', trained' if args.train else ''})", file=sys.stderr)
     return 0
 
 
@@ -124,6 +125,15 @@ def _bench(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from pocketvlm.demo import run_demo
+
+    formats = [f.strip() for f in args.formats.split(",")] if args.formats else None
+    run_demo(args.model, Path(args.out) if args.out else None, formats=formats, questions=args.questions,
+             cloud=None if args.cloud == "none" else args.cloud, progress=not args.quiet)
+    return 0
+
+
 def _check(args) -> int:
     from pocketvlm.quantize.fidelity import check, render
 
@@ -173,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (refused if it exists and is not empty, unless --force)")
     p.add_argument("--preset", choices=preset_names(), default="tiny", help="model shape (default: tiny)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and tokenizer corpus (default: 0)")
+    p.add_argument("--train", action="store_true",
+                   help="train it on the synthetic image-QA set (micro preset; a few minutes on 2 cores) and "
+                        "record its held-out accuracy in the manifest")
     p.add_argument("--force", action="store_true", help="replace OUT once the new folder is complete")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_make_model)
@@ -210,6 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kwargs in EXPORT_OPTIONS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "demo", help="the main job, offline: the embedded model through every format, accuracy and speed",
+        description="Take the embedded micro SmolVLM2 (trained on synthetic image QA), export it to every format "
+                    "and quant this machine can produce, ask the held-out questions through every backend that "
+                    "runs here, and print one table: format x quant x size x accuracy x agreement with the "
+                    "reference x TTFT x decode speed, plus the edge-vs-cloud line. Writes report.md, results.json "
+                    "and plots to a new folder named at the end.")
+    p.add_argument("--model", help="run on this model instead (a real SmolVLM2 folder or cached Hub id)")
+    p.add_argument("--out", help="report folder (default: ./pocketvlm-demo-<time>)")
+    p.add_argument("--formats", help="comma-separated subset of formats (default: all available)")
+    p.add_argument("--questions", type=int, default=None, help="ask only the first N held-out questions")
+    p.add_argument("--cloud", default="mistral-medium-3", help="provider for the edge-vs-cloud line, or 'none'")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser(
         "serve", help="serve a model as an OpenAI-compatible chat endpoint (loopback by default)",
@@ -284,7 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    # SystemExit unwinds like an exception, so a half-built OUT.partial-* folder is removed on the way out
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

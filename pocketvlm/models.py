@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .errors import SourceError
+from .errors import PocketVLMError, SourceError
 from .manifest import atomic_output, read_manifest, write_manifest
-from .presets import image_seq_len, preset
+from .presets import image_seq_len, preset, preset_names
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -94,28 +94,58 @@ def check_smolvlm_dir(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------- make-model
 
-def make_model(out: Path, preset_name: str, *, seed: int = 0, force: bool = False, progress: bool = True) -> Path:
-    """Write a complete SmolVLM2 folder with random weights at a preset's exact shape. Returns OUT."""
+def make_model(out: Path, preset_name: str, *, seed: int = 0, force: bool = False, progress: bool = True,
+               train: bool = False) -> Path:
+    """Write a complete SmolVLM2 folder at a preset's exact shape: random weights, or (train=True, micro preset)
+    trained on the synthetic image-QA set. Returns OUT."""
     import torch
-
     from transformers.utils import logging as hf_logging
 
     p = preset(preset_name)
+    if train and "train" not in p:
+        trainable = [n for n in preset_names() if "train" in preset(n)]
+        raise PocketVLMError(f"preset {preset_name!r} has no training recipe; --train works with: "
+                             f"{', '.join(trainable)}")
     if not progress:
         hf_logging.disable_progress_bar()
     with atomic_output(Path(out), force=force) as scratch:
         tokenizer = _build_tokenizer(p, seed)
         model = _random_model(p, tokenizer, seed, progress)
-        model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
-        _finish_config(scratch / "config.json", p)
         _write_processor_files(scratch, p)
+        extra = {}
+        if train:
+            from .train import train as train_model
+
+            model.save_pretrained(scratch)  # the processor reads config.json while encoding training data
+            _finish_config(scratch / "config.json", p)
+            extra["train"] = train_model(model, scratch, p["train"], seed=seed, progress=progress)
+        if p.get("save_dtype"):
+            model = model.to(getattr(torch, p["save_dtype"]))
+        model.save_pretrained(scratch)
+        _finish_config(scratch / "config.json", p)
+        if train:
+            extra["train"]["heldout"] = _evaluate(scratch, p["train"], progress)
         write_manifest(
-            scratch, format="hf", quant={torch.float32: "fp32", torch.bfloat16: "bf16"}[model.dtype],
-            source={"id": f"preset:{preset_name}", "revision": None, "seed": seed},
-            tools=_tool_versions(),
+            scratch, format="hf",
+            quant={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.dtype],
+            source={"id": f"preset:{preset_name}", "revision": None, "seed": seed}, tools=_tool_versions(),
+            **extra,
         )
     return Path(out)
+
+
+def _evaluate(folder: Path, cfg: dict, progress: bool) -> dict:
+    import sys
+
+    from pocketvlm.runtime.reference import ReferenceBackend
+    from .train import heldout_accuracy
+
+    result = heldout_accuracy(ReferenceBackend(folder), cfg["heldout"], progress=progress)
+    if result["accuracy"] < cfg["target_accuracy"]:
+        print(f"pocketvlm: warning: held-out accuracy {result['accuracy']:.1%} is below the target "
+              f"{cfg['target_accuracy']:.0%}", file=sys.stderr)
+    return result
 
 
 def _build_tokenizer(p: dict, seed: int):

@@ -200,3 +200,22 @@ def test_large_files_are_rehashed_once_they_change(tiny_model, tmp_path, monkeyp
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
     with pytest.raises(manifest.ArtifactError, match="model.safetensors does not match"):
         manifest.verify(copy, listed)
+
+
+def test_sigterm_removes_the_half_built_folder(tmp_path):
+    """A killed make-model leaves neither OUT nor its OUT.partial-* scratch folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pocketvlm", "make-model", str(tmp_path / "m"), "--preset",
+                             "256m", "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("m.partial-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("m.partial-*")), "the scratch folder never appeared"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-PACKAGE_PARTS = ["pyproject.toml", "README.md", "pocketvlm", "export", "quantize", "runtime", "bench_device"]
+PACKAGE_PARTS = ["pyproject.toml", "README.md", "pocketvlm", "export", "quantize", "runtime", "bench_device", "samples"]
 CHECK = """
 import pathlib, pocketvlm, pocketvlm.cli, pocketvlm.export, pocketvlm.quantize, pocketvlm.bench_device
 import pocketvlm.runtime, pocketvlm.runtime.reference
 from pocketvlm.presets import preset
 assert preset("500m")["text"]["hidden_size"] == 960  # package data travelled
+from importlib import resources
+assert (resources.files("pocketvlm.samples") / "heldout" / "questions.json").is_file()
 print(pathlib.Path(pocketvlm.runtime.__file__).resolve())
 """
 
@@ -38,7 +40,7 @@ def copy_source(tmp: Path) -> Path:
     src = tmp / "src"
     for part in PACKAGE_PARTS:
         if (REPO / part).is_dir():
-            shutil.copytree(REPO / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(REPO / part, src / part, ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
         else:
             src.mkdir(exist_ok=True)
             shutil.copy2(REPO / part, src / part)

@@ -1,0 +1,220 @@
+"""`pocketvlm demo`: the embedded micro model through every format and quant this machine can produce.
+
+Export each variant, ask the held-out questions through every backend that runs here, and print one table —
+format x quant x size x accuracy x agreement with the reference x TTFT x decode speed — plus the edge-vs-cloud
+line. The full report (report.md, results.json, plots) goes to a folder named at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from .errors import PocketVLMError
+from .manifest import read_manifest
+
+RUNS_ONLY_ON = {"coreml": "Darwin"}
+
+
+def embedded_model() -> Path:
+    path = Path(str(resources.files("pocketvlm.samples") / "micro"))
+    if not (path / "pocketvlm.json").is_file():
+        raise PocketVLMError(f"the embedded micro model is missing ({path}); reinstall pocketvlm or pass --model")
+    return path
+
+
+def heldout_samples(limit: int | None):
+    from .quantize.fidelity import load_samples
+
+    samples = load_samples(Path(str(resources.files("pocketvlm.samples") / "heldout" / "questions.json")))
+    if limit:  # keep every task represented: take the first `limit` in their round-robin order
+        samples = samples[:limit]
+    return samples
+
+
+def plan_variants(formats: list[str] | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(format, quant) pairs this machine can export, and why the others are missing."""
+    from pocketvlm.export import FORMATS, format_module
+
+    variants, missing = [], {}
+    for fmt in sorted(FORMATS):
+        if formats and fmt not in formats:
+            continue
+        try:
+            module = format_module(fmt)
+        except PocketVLMError as e:
+            missing[fmt] = str(e)
+            continue
+        variants += [(fmt, q) for q in module.QUANTS]
+    return variants, missing
+
+
+def _answers(backend, samples, progress_bar) -> dict:
+    from .train import normalize_answer
+
+    rows = []
+    for s in samples:
+        r = backend.run(s.request, 8)
+        rows.append({"answer": normalize_answer(r.answer), "expected": s.answer, "ttft_s": r.timings.ttft_s,
+                     "decode_tok_s": r.timings.decode_tok_s})
+        progress_bar.update()
+    return {"rows": rows, "accuracy": sum(r["answer"] == r["expected"] for r in rows) / len(rows),
+            "ttft_s": statistics.median(r["ttft_s"] for r in rows),
+            "decode_tok_s": statistics.median([r["decode_tok_s"] for r in rows if r["decode_tok_s"]] or [0])}
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_demo(model: str | None = None, out: Path | None = None, formats: list[str] | None = None,
+             questions: int | None = None, cloud: str | None = "mistral-medium-3", progress: bool = True) -> Path:
+    from tqdm import tqdm
+
+    from pocketvlm.export import export_model
+    from pocketvlm.runtime import open_backend
+
+    source = model or str(embedded_model())
+    samples = heldout_samples(questions)
+    if not all(s.answer for s in samples):
+        raise PocketVLMError("the held-out samples have no expected answers")
+    out = Path(out or f"pocketvlm-demo-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    if out.exists() and any(out.iterdir()):
+        raise PocketVLMError(f"{out} already exists and is not empty; pick another --out")
+    (out / "artifacts").mkdir(parents=True, exist_ok=True)
+    variants, missing = plan_variants(formats)
+    log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
+    log(f"pocketvlm demo: {source} -> {len(variants)} variants, {len(samples)} held-out questions each")
+    for fmt, why in missing.items():
+        log(f"  {fmt}: skipped ({why})")
+
+    rows = []
+    bar = tqdm(total=len(variants), desc="export", unit="variant", disable=not progress, file=sys.stderr)
+    artifacts = {}
+    for fmt, quant in variants:
+        bar.set_description(f"export {fmt} {quant}")
+        path = out / "artifacts" / f"{fmt}-{quant}"
+        start = time.perf_counter()
+        try:
+            export_model(source, fmt, path, quant=quant, progress=False)
+            artifacts[(fmt, quant)] = (path, time.perf_counter() - start)
+        except PocketVLMError as e:
+            rows.append({"format": fmt, "quant": quant, "status": f"export failed: {e}"})
+        bar.update()
+    bar.close()
+
+    runnable = [(k, v) for k, v in artifacts.items() if RUNS_ONLY_ON.get(k[0], platform.system()) == platform.system()]
+    bar = tqdm(total=len(samples) * (1 + len(runnable)), desc="answer", unit="q", disable=not progress,
+               file=sys.stderr)
+    bar.set_description("answer reference")
+    reference = _answers(open_backend(source), samples, bar)
+    ref_answers = [r["answer"] for r in reference["rows"]]
+    rows.insert(0, {"format": "pytorch", "quant": "fp32 (reference)", "size_bytes": _size(Path(source)),
+                    "accuracy": reference["accuracy"], "agreement": 1.0, "ttft_s": reference["ttft_s"],
+                    "decode_tok_s": reference["decode_tok_s"], "status": "ok"})
+    for (fmt, quant), (path, export_s) in artifacts.items():
+        row = {"format": fmt, "quant": quant, "size_bytes": _size(path), "export_s": round(export_s, 1)}
+        if (fmt, quant) not in dict(runnable):
+            row["status"] = f"exported; runs only on {RUNS_ONLY_ON[fmt]}"
+            rows.append(row)
+            continue
+        bar.set_description(f"answer {fmt} {quant}")
+        try:
+            got = _answers(open_backend(path), samples, bar)
+        except PocketVLMError as e:
+            row["status"] = f"failed: {e}"
+            rows.append(row)
+            continue
+        row.update(accuracy=got["accuracy"], ttft_s=got["ttft_s"], decode_tok_s=got["decode_tok_s"], status="ok",
+                   agreement=sum(a == b["answer"] for a, b in zip(ref_answers, got["rows"])) / len(samples))
+        rows.append(row)
+    bar.close()
+
+    cloud_block = _cloud_line(cloud, samples, reference, progress) if cloud else None
+    results = {"schema": "pocketvlm.demo/1", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "model": source, "questions": len(samples), "machine": f"{platform.system()} {platform.machine()}",
+               "skipped_formats": missing, "rows": rows, "cloud": cloud_block,
+               "manifest": read_manifest(Path(source)) if Path(source).is_dir() else None}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = render(results)
+    (out / "report.md").write_text(table)
+    _plot(results, out)
+    print(table)
+    log(f"pocketvlm demo: full report in {out.resolve()}/ (report.md, results.json, accuracy.png, speed.png)")
+    return out
+
+
+def _cloud_line(name: str, samples, reference: dict, progress: bool) -> dict:
+    import tempfile
+
+    from pocketvlm.bench_device import cloud as cloud_api
+    from pocketvlm.bench_device.bench import cloud_leg
+
+    provider = cloud_api.get_provider(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, s in enumerate(samples[:5]):
+            paths.append(Path(tmp) / f"q{i}.png")
+            s.request.images[0].save(paths[-1])
+        block = cloud_leg(provider, paths, samples[0].request.question, 1, 8)
+    measured = [r["cost_usd"] for r in block["records"] if r.get("cost_usd") is not None]
+    per_query = statistics.median(measured) if measured else block["estimate"]["cost_usd"]
+    block["per_1k_usd"] = 1000 * per_query
+    block["label"] = "measured" if measured else "estimated (no API key)"
+    if block["records"]:
+        block["ttft_s"] = statistics.median(r["ttft_s"] for r in block["records"])
+    return block
+
+
+def _fmt(v, spec):
+    return "–" if v is None else format(v, spec)
+
+
+def render(results: dict) -> str:
+    lines = [f"# pocketvlm demo — {results['model']}", "",
+             f"{results['questions']} held-out questions (synthetic: color, count, position, number, shape), greedy, "
+             f"on {results['machine']}. Agreement: same answer as the PyTorch reference.", "",
+             "| format | quant | size | accuracy | agreement | TTFT | decode tok/s | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['format']} | {r['quant']} | {_fmt(r.get('size_bytes') and r['size_bytes'] / 1e6, '.2f')} MB"
+                     f" | {_fmt(r.get('accuracy') and 100 * r['accuracy'], '.1f')}% "
+                     f"| {_fmt(r.get('agreement') and 100 * r['agreement'], '.1f')}% "
+                     f"| {_fmt(r.get('ttft_s') and 1000 * r['ttft_s'], '.0f')} ms "
+                     f"| {_fmt(r.get('decode_tok_s'), '.0f')} | {r.get('status', '')} |")
+    c = results.get("cloud")
+    if c:
+        lines += ["", f"Edge vs cloud: {c['name']} (`{c['model']}`) costs ${c['per_1k_usd']:.4f} per 1k such "
+                      f"questions ({c['label']}); on-device answers cost no API fees."
+                  + (f" Cloud TTFT {1000 * c['ttft_s']:.0f} ms." if c.get("ttft_s") else "")]
+    for fmt, why in results.get("skipped_formats", {}).items():
+        lines.append(f"\n{fmt}: not on this machine ({why})")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return
+    rows = [r for r in results["rows"] if r.get("status") == "ok"]
+    labels = [f"{r['format']}\n{r['quant']}" for r in rows]
+    for name, key, scale, unit in (("accuracy", "accuracy", 100, "% correct"),
+                                   ("speed", "decode_tok_s", 1, "decode tokens/s")):
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4))
+        ax.bar(range(len(rows)), [scale * (r.get(key) or 0) for r in rows], color="#4c72b0")
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_ylabel(unit)
+        ax.set_title(f"{name} per format and quant")
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=110)
+        plt.close(fig)

@@ -1,0 +1,124 @@
+"""A synthetic image-QA set, generated deterministically: colored shapes, counts, positions, a digit.
+
+Every example is a 128x128 picture, a question and a one-word answer. The same seed gives the same pixels on any
+machine (PIL's built-in font and integer drawing only), so the held-out split committed under samples/ can be
+regenerated and compared.
+
+    python -m pocketvlm.synthetic samples/heldout      # rewrite the committed held-out split
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+SIZE = 128
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+          "purple": (140, 60, 190), "orange": (245, 130, 30)}
+SHAPES = ("circle", "square", "triangle")
+COUNT_WORDS = {1: "1", 2: "2", 3: "3", 4: "4"}
+POSITIONS = ("left", "right", "top", "bottom")
+TASKS = ("color", "count", "position", "number", "shape")
+TRAIN_SEED, HELDOUT_SEED = 1, 2  # disjoint streams: the held-out pictures are never trained on
+
+
+@dataclass
+class Example:
+    image: Image.Image
+    question: str
+    answer: str
+    task: str
+
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    g = rng.randint(225, 255)
+    return (g, g - rng.randint(0, 10), g - rng.randint(0, 15))
+
+
+def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, color) -> None:
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+    elif shape == "square":
+        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=color)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+
+
+def _free_spots(rng: random.Random, n: int, r: int) -> list[tuple[int, int]]:
+    """n centres whose shapes of radius r do not touch each other or the border."""
+    spots = []
+    while len(spots) < n:
+        x, y = rng.randint(r + 4, SIZE - r - 4), rng.randint(r + 4, SIZE - r - 4)
+        if all(abs(x - a) > 2 * r + 6 or abs(y - b) > 2 * r + 6 for a, b in spots):
+            spots.append((x, y))
+    return spots
+
+
+def example(rng: random.Random, task: str) -> Example:
+    img = Image.new("RGB", (SIZE, SIZE), _background(rng))
+    d = ImageDraw.Draw(img)
+    if task == "color":
+        shapes = rng.sample(SHAPES, rng.randint(1, 3))
+        colors = rng.sample(list(COLORS), len(shapes))
+        for (x, y), shape, color in zip(_free_spots(rng, len(shapes), 16), shapes, colors):
+            _draw_shape(d, shape, x, y, 16, COLORS[color])
+        i = rng.randrange(len(shapes))
+        return Example(img, f"What color is the {shapes[i]}?", colors[i], task)
+    if task == "count":
+        shape, n = rng.choice(SHAPES), rng.randint(1, 4)
+        color = rng.choice(list(COLORS))
+        others = [s for s in SHAPES if s != shape]
+        extra = rng.randint(0, 4 - n)  # distractors of another shape
+        spots = _free_spots(rng, n + extra, 11)
+        for x, y in spots[:n]:
+            _draw_shape(d, shape, x, y, 11, COLORS[color])
+        for x, y in spots[n:]:
+            _draw_shape(d, rng.choice(others), x, y, 11, COLORS[rng.choice(list(COLORS))])
+        return Example(img, f"How many {shape}s are there?", COUNT_WORDS[n], task)
+    if task == "position":
+        shape, where = rng.choice(SHAPES), rng.choice(POSITIONS)
+        r = rng.randint(12, 18)
+        near, mid = rng.randint(r + 4, 40), SIZE // 2 + rng.randint(-12, 12)
+        cx, cy = {"left": (near, mid), "right": (SIZE - near, mid), "top": (mid, near),
+                  "bottom": (mid, SIZE - near)}[where]
+        _draw_shape(d, shape, cx, cy, r, COLORS[rng.choice(list(COLORS))])
+        return Example(img, f"Where is the {shape}?", where, task)
+    if task == "number":
+        digit = str(rng.randint(0, 9))
+        font = ImageFont.load_default(size=rng.randint(60, 84))
+        ink = rng.choice([(20, 20, 20), (40, 40, 120), (120, 30, 30)])
+        d.text((SIZE // 2 + rng.randint(-14, 14), SIZE // 2 + rng.randint(-14, 14)), digit, fill=ink, font=font,
+               anchor="mm")
+        return Example(img, "What number is written?", digit, task)
+    shape = rng.choice(SHAPES)
+    _draw_shape(d, shape, rng.randint(40, 88), rng.randint(40, 88), rng.randint(16, 30),
+                COLORS[rng.choice(list(COLORS))])
+    return Example(img, "What shape is this?", shape, task)
+
+
+def examples(n: int, seed: int) -> list[Example]:
+    """n examples, tasks in turn, from one seeded stream."""
+    rng = random.Random(seed)
+    return [example(rng, TASKS[i % len(TASKS)]) for i in range(n)]
+
+
+def write_split(folder: Path, n: int = 200, seed: int = HELDOUT_SEED) -> Path:
+    """PNG files + questions.json ([{image, question, answer, task}]) for pocketvlm check / demo."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    items = []
+    for i, ex in enumerate(examples(n, seed)):
+        name = f"images/{i:03d}-{ex.task}.png"
+        ex.image.save(folder / name, optimize=True)
+        items.append({"image": name, "question": ex.question, "answer": ex.answer, "task": ex.task})
+    (folder / "questions.json").write_text(json.dumps(items, indent=1) + "\n")
+    return folder / "questions.json"
+
+
+if __name__ == "__main__":
+    print(write_split(Path(sys.argv[1] if len(sys.argv) > 1 else "samples/heldout")))

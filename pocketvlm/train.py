@@ -1,0 +1,116 @@
+"""Train the micro preset on the synthetic image-QA set (pocketvlm.synthetic), deterministically, on the CPU.
+
+The model is an ordinary SmolVLMForConditionalGeneration and the inputs come from pocketvlm.prompt, so it sees
+exactly the prompt layout every backend will give it: `User:<image...>What color is the circle?<end_of_utterance>
+\\nAssistant:` followed by the answer " red" and <end_of_utterance>. Only the answer is supervised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .prompt import Processor, Request
+from .synthetic import HELDOUT_SEED, TRAIN_SEED, examples
+
+
+@dataclass
+class Encoded:
+    ids: np.ndarray     # prompt + answer + <end_of_utterance>
+    n_prompt: int
+    pixels: np.ndarray  # [3, S, S] float32, one tile
+
+
+def encode_examples(processor: Processor, items) -> list[Encoded]:
+    eos = next(iter(processor.eos_token_ids))
+    out = []
+    for ex in items:
+        enc = processor.encode(Request(ex.question, images=[ex.image]))
+        if enc.pixel_values.shape[1] != 1:
+            raise ValueError("micro training expects one tile per image (image size == tile size)")
+        answer = processor.tokenizer.encode(" " + ex.answer, add_special_tokens=False).ids + [eos]
+        out.append(Encoded(np.concatenate([enc.input_ids, np.asarray(answer, dtype=np.int64)]),
+                           len(enc.input_ids), enc.pixel_values[0, 0]))
+    return out
+
+
+def _batch(items: list[Encoded], pad_id: int):
+    import torch
+
+    longest = max(len(e.ids) for e in items)
+    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), longest), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), longest), dtype=torch.long)
+    for i, e in enumerate(items):
+        n = len(e.ids)
+        ids[i, :n] = torch.from_numpy(e.ids)
+        labels[i, e.n_prompt:n] = torch.from_numpy(e.ids[e.n_prompt:])
+        mask[i, :n] = 1
+    pixels = torch.from_numpy(np.stack([e.pixels for e in items]))[:, None]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels,
+            "pixel_attention_mask": torch.ones(pixels.shape[0], 1, *pixels.shape[-2:], dtype=torch.bool)}
+
+
+def train(model, model_dir: Path, cfg: dict, *, seed: int = 0, progress: bool = True) -> dict:
+    """Train in place; returns the training record for the manifest."""
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    processor = Processor(model_dir)
+    data = encode_examples(processor, examples(cfg["examples"], TRAIN_SEED + seed))
+    pad = processor.tokenizer.token_to_id("<|im_end|>")
+    steps, batch = cfg["steps"], cfg["batch"]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=cfg["weight_decay"])
+
+    def lr_at(step):  # linear warm-up, cosine decay to a tenth
+        if step < cfg["warmup"]:
+            return (step + 1) / cfg["warmup"]
+        t = (step - cfg["warmup"]) / max(1, steps - cfg["warmup"])
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=generator)
+    model.train()
+    start, losses, cursor = time.perf_counter(), [], 0
+    bar = tqdm(range(steps), desc="train micro", disable=not progress, leave=False)
+    for _ in bar:
+        if cursor + batch > len(order):
+            order, cursor = torch.randperm(len(data), generator=generator), 0
+        inputs = _batch([data[i] for i in order[cursor:cursor + batch].tolist()], pad)
+        cursor += batch
+        loss = model(**inputs).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if len(losses) % 25 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.3f}")
+    model.eval()
+    return {"examples": cfg["examples"], "steps": steps, "batch": batch, "lr": cfg["lr"], "seed": seed,
+            "final_loss": float(np.mean(losses[-50:])), "train_s": round(time.perf_counter() - start, 1)}
+
+
+def normalize_answer(text: str) -> str:
+    return text.strip().strip(".!").strip().lower()
+
+
+def heldout_accuracy(backend, n: int = 200, progress: bool = False) -> dict:
+    """Exact-answer accuracy on the held-out split, per task and overall, through any backend."""
+    from tqdm import tqdm
+
+    per_task: dict[str, list[bool]] = {}
+    for ex in tqdm(examples(n, HELDOUT_SEED), desc="held-out", disable=not progress, leave=False):
+        answer = backend.run(Request(ex.question, images=[ex.image]), 8).answer
+        per_task.setdefault(ex.task, []).append(normalize_answer(answer) == ex.answer)
+    total = [ok for oks in per_task.values() for ok in oks]
+    return {"accuracy": sum(total) / len(total), "n": len(total),
+            "per_task": {task: sum(oks) / len(oks) for task, oks in per_task.items()}}
