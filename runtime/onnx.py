@@ -159,7 +159,8 @@ class ONNXBackend(Backend):
         if features is not None:
             embeds = self.merge(ids, embeds, features)
         n_prompt = ids.shape[1]
-        logits, past = self.forward(embeds, np.ones((1, n_prompt), np.int64), np.arange(n_prompt)[None], self.empty_past(1))
+        logits, past = self.forward(embeds, np.ones((1, n_prompt), np.int64), np.arange(n_prompt)[None],
+                                    self.empty_past(1))
         logits = logits[0, -1]
         prefilled = time.perf_counter()
 
@@ -170,7 +171,8 @@ class ONNXBackend(Backend):
             yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(),
                        logits=logits.astype(np.float32, copy=True) if with_logits else None,
                        encode_s=(encoded - start) if first and features is not None else None,
-                       prefill_s=(prefilled - encoded) if first else None)
+                       prefill_s=(prefilled - encoded) if first else None,
+                       prompt_tokens=n_prompt if first else None)
             fed = next_input(token, n, position, max_tokens=max_tokens, context=context,
                              eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
             if fed is None:
