@@ -38,7 +38,44 @@ def engine_mlx(artifact: Path, image_path: Path, question: str, max_tokens: int)
             "tokens": n}
 
 
-ENGINES = {"mlx": engine_mlx}
+def engine_gguf(artifact: Path, image_path: Path, question: str, max_tokens: int) -> dict:
+    """llama-cpp-python's own high-level chat API (Llama + MTMDChatHandler) on the same two files.
+
+    Its prompt differs slightly from SmolVLM2's (the generic handler renders "User: " with a space): the
+    comparison is of speed, not of tokens."""
+    import base64
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    from pocketvlm.manifest import read_manifest
+    from pocketvlm.runtime.gguf import artifact_files, default_threads
+
+    if not hasattr(engine_gguf, "cached"):
+        model, mmproj = artifact_files(artifact, read_manifest(artifact))
+        handler = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False, use_gpu=False)
+        engine_gguf.cached = Llama(model_path=str(model), chat_handler=handler, n_ctx=4096,
+                                   n_threads=default_threads(), verbose=False)
+    llm = engine_gguf.cached
+    llm.reset()
+    url = "data:image/png;base64," + base64.b64encode(Path(image_path).read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": question}]}]
+    start = time.perf_counter()
+    first = last = None
+    n = 0
+    for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0, top_k=1,
+                                            repeat_penalty=1.0, stream=True):
+        if chunk["choices"][0]["delta"].get("content"):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            n += 1
+    return {"ttft_s": (first or time.perf_counter()) - start,
+            "decode_tok_s": (n - 1) / (last - first) if n > 1 and last > first else None, "tokens": max(n, 2)}
+
+
+ENGINES = {"mlx": engine_mlx, "gguf": engine_gguf}
 
 
 def measure(artifact: Path, image_path: Path, question: str, max_tokens: int, runs: int) -> dict:

@@ -63,22 +63,15 @@ def example(rng: random.Random, task: str) -> Example:
     img = Image.new("RGB", (SIZE, SIZE), _background(rng))
     d = ImageDraw.Draw(img)
     if task == "color":
-        shapes = rng.sample(SHAPES, rng.randint(1, 3))
-        colors = rng.sample(list(COLORS), len(shapes))
-        for (x, y), shape, color in zip(_free_spots(rng, len(shapes), 16), shapes, colors):
-            _draw_shape(d, shape, x, y, 16, COLORS[color])
-        i = rng.randrange(len(shapes))
-        return Example(img, f"What color is the {shapes[i]}?", colors[i], task)
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        (x, y), = _free_spots(rng, 1, 18)
+        _draw_shape(d, shape, x, y, rng.randint(14, 22), COLORS[color])
+        return Example(img, f"What color is the {shape}?", color, task)
     if task == "count":
         shape, n = rng.choice(SHAPES), rng.randint(1, 4)
         color = rng.choice(list(COLORS))
-        others = [s for s in SHAPES if s != shape]
-        extra = rng.randint(0, 4 - n)  # distractors of another shape
-        spots = _free_spots(rng, n + extra, 11)
-        for x, y in spots[:n]:
-            _draw_shape(d, shape, x, y, 11, COLORS[color])
-        for x, y in spots[n:]:
-            _draw_shape(d, rng.choice(others), x, y, 11, COLORS[rng.choice(list(COLORS))])
+        for x, y in _free_spots(rng, n, 12):
+            _draw_shape(d, shape, x, y, 12, COLORS[color])
         return Example(img, f"How many {shape}s are there?", COUNT_WORDS[n], task)
     if task == "position":
         shape, where = rng.choice(SHAPES), rng.choice(POSITIONS)

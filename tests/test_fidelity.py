@@ -62,11 +62,14 @@ def test_check_catches_a_perturbed_model(tiny_model, tmp_path):
 
 
 def test_verdict_applies_each_gate():
-    summary = {"greedy_match": False, "kld_mean": 0.05, "kld_max": 0.4, "top1": 0.8}
+    summary = {"greedy_match": False, "divergence_margin_max": 0.02, "kld_mean": 0.05, "kld_max": 0.4, "top1": 0.8}
     assert verdict(summary, {}) == []
     assert len(verdict(summary, {"greedy_match": True, "kld_mean_max": 0.01, "kld_max_max": 0.1,
                                  "top1_min": 0.9})) == 4
     assert verdict(summary, {"kld_mean_max": 0.1, "top1_min": 0.8}) == []
+    # a divergence at a reference near-tie is tolerated only within the allowance
+    assert verdict(summary, {"greedy_match": True, "greedy_tie_margin": 0.05}) == []
+    assert verdict({**summary, "divergence_margin_max": 0.3}, {"greedy_match": True, "greedy_tie_margin": 0.05})
 
 
 def test_check_errors_are_one_line(tiny_model, tmp_path):
