@@ -21,6 +21,7 @@ from pocketvlm.models import ModelSource, resolve_source
 
 # format -> (module, pip extra that provides its engine)
 FORMATS = {
+    "coreml": ("pocketvlm.export.coreml", "coreml"),
     "gguf": ("pocketvlm.export.gguf", "gguf"),
     "mlx": ("pocketvlm.export.mlx", "mlx"),
     "onnx": ("pocketvlm.export.onnx", "onnx"),

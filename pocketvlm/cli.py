@@ -157,6 +157,8 @@ EXPORT_OPTIONS = {
     "llama_cpp_dir": dict(metavar="DIR", help="gguf: a llama.cpp checkout whose convert_hf_to_gguf.py to use "
                                              "(default: the one in the installed llama-cpp-python's sdist)"),
     "mmproj_quant": dict(choices=["f16", "q8_0"], help="gguf: vision projector type (default f16)"),
+    "max_context": dict(type=int, metavar="N", help="coreml: KV-cache length of the stateful decoder "
+                                                    "(default: the export's own default)"),
     "group_size": dict(type=int, help="mlx: quantization group size, 32, 64 or 128 (default 64)"),
     "keep_vision": dict(choices=["fp16"],
                         help="mlx 8bit/4bit: keep the vision tower unquantized in fp16, as Hugging Face's iOS builds "
@@ -214,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "artifact folder for one engine, quantized as asked, with a pocketvlm.json manifest written "
                     "last. The folder appears only when complete.")
     p.add_argument("source", help="Hugging Face model folder or Hub id")
-    p.add_argument("--to", required=True, metavar="FORMAT", help="gguf, mlx or onnx")
+    p.add_argument("--to", required=True, metavar="FORMAT", help="coreml, gguf, mlx or onnx")
     p.add_argument("--quant", help="gguf: f16 (default), q8_0, q4_k_m; mlx: fp16 (default), fp32, bf16, 8bit, 4bit; "
-                                   "onnx: fp32 (default), fp16, int8, q4")
+                                   "onnx: fp32 (default), fp16, int8, q4; coreml: fp16 (default), int8, int4")
     p.add_argument("--out", required=True, help="output folder (refused if not empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace OUT once the new artifact is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -257,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a lower-bit copy of ARTIFACT (e.g. a GGUF f16 export to q4_k_m) with its own manifest. "
                     "Run `pocketvlm check` on the result to see what the quantization cost.")
     p.add_argument("artifact", help="an exported artifact folder")
-    p.add_argument("--quant", required=True, help="gguf: q8_0, q4_k_m; mlx: 8bit, 4bit; onnx: int8, q4")
+    p.add_argument("--quant", required=True, help="gguf: q8_0, q4_k_m; mlx: 8bit, 4bit; onnx: int8, q4; coreml: int8, int4")
     p.add_argument("--out", required=True, help="output folder (refused if not empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace OUT once the new artifact is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")

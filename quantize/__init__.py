@@ -16,6 +16,7 @@ from pocketvlm.errors import ArtifactError, PocketVLMError
 from pocketvlm.manifest import read_manifest, verify
 
 QUANTIZERS = {
+    "coreml": ("pocketvlm.quantize.coreml", "coreml"),
     "gguf": ("pocketvlm.quantize.gguf", "gguf"),
     "mlx": ("pocketvlm.quantize.mlx", "mlx"),
     "onnx": ("pocketvlm.quantize.onnx", "onnx"),

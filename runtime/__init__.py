@@ -20,6 +20,7 @@ from .base import Backend, Result, Step, Timings  # noqa: F401  (the public inte
 # format in pocketvlm.json -> "module:class"; each export path adds its runtime here.
 BACKENDS = {
     "hf": "pocketvlm.runtime.reference:ReferenceBackend",
+    "coreml": "pocketvlm.runtime.coreml:CoreMLBackend",
     "gguf": "pocketvlm.runtime.gguf:GGUFBackend",
     "mlx": "pocketvlm.runtime.mlx:MLXBackend",
     "onnx": "pocketvlm.runtime.onnx:ONNXBackend",
