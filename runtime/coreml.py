@@ -1,0 +1,161 @@
+"""Core ML backend: the two packages of a Core ML artifact (layout in export/coreml.py) on Apple's Core ML runtime,
+macOS 15 or later. Does not import torch.
+
+    VisionEncoder.mlpackage  the request's tiles -> image features, written over the <image> embeddings on the host
+    TextDecoder.mlpackage    prefill (the whole prompt in one call), then one call per token; the KV cache is the
+                             model's state (make_state()), so nothing but embeddings and a mask cross per step
+    embed_tokens.npy         the host-side embedding table (a row per fed token)
+
+The prompt and pixels come from pocketvlm.prompt, so the tokens are the reference's by construction. Core ML
+prediction exists only on macOS: elsewhere the constructor refuses with one line (conversion and the spec checks
+run on Linux; see tests/test_coreml.py).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pocketvlm.errors import ArtifactError, PocketVLMError
+from pocketvlm.manifest import read_manifest
+from pocketvlm.prompt import Processor, Request
+
+from .base import Backend, Step, TextStream, next_input
+
+VISION = "VisionEncoder.mlpackage"
+DECODER = "TextDecoder.mlpackage"
+EMBEDDINGS = "embed_tokens.npy"
+QUANTS = ("fp16", "int8", "int4")
+MASKED = -1e4  # as export/coreml.py: finite, fp16-safe
+
+
+def causal_mask(q: int, end: int) -> np.ndarray:
+    """[1, 1, q, end] float32: query i (at position end - q + i) sees keys 0 .. end - q + i."""
+    return np.triu(np.full((q, end), MASKED, dtype=np.float32), k=end - q + 1)[None, None]
+
+
+def require_macos(path: Path) -> None:
+    system = platform.system()
+    if system != "Darwin":
+        name = {"Linux": "Linux", "Windows": "Windows"}.get(system, system or "this system")
+        raise PocketVLMError(f"Core ML runs only on macOS (this is {name}): {path} needs macOS 15 or later to run; "
+                             f"use the onnx, gguf or mlx format here")
+    release = platform.mac_ver()[0]
+    major = int(release.split(".")[0]) if release and release.split(".")[0].isdigit() else 0
+    if major and major < 15:
+        raise PocketVLMError(f"{path} needs macOS 15 or later (stateful Core ML models); this is macOS {release}")
+
+
+class CoreMLBackend(Backend):
+    name = "coreml"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        self.path = Path(path)
+        require_macos(self.path)
+        import coremltools as ct
+
+        manifest = read_manifest(self.path) or {}
+        self.quant = manifest.get("quant", "unknown")
+        if self.quant not in QUANTS:
+            raise ArtifactError(f"{self.path}: unknown Core ML quant {self.quant!r} in pocketvlm.json; re-export")
+        for name in (VISION, DECODER, EMBEDDINGS):
+            if not (self.path / name).exists():
+                raise ArtifactError(f"{self.path}: {name} is missing; re-export the artifact")
+        self.processor = Processor(self.path)
+        self.threads = threads  # Core ML schedules its own threads; kept for describe()
+        units = ct.ComputeUnit.CPU_AND_GPU if threads is None else ct.ComputeUnit.CPU_ONLY
+        start = time.perf_counter()
+        try:
+            self.vision = ct.models.MLModel(str(self.path / VISION), compute_units=units)
+            self.decoder = ct.models.MLModel(str(self.path / DECODER), compute_units=units)
+        except Exception as e:
+            reason = " ".join(str(e).split())[:200]
+            raise ArtifactError(f"{self.path}: Core ML cannot load the packages ({reason}); re-export it") from None
+        self.embeddings = np.load(self.path / EMBEDDINGS, mmap_mode="r")
+        self.load_s = time.perf_counter() - start
+        states = {s.name: list(s.type.stateType.arrayType.shape) for s in self.decoder.get_spec().description.state}
+        if set(states) != {"k_cache", "v_cache"}:
+            raise ArtifactError(f"{self.path}: {DECODER} has no k_cache/v_cache states; re-export the artifact")
+        self.max_context = int(states["k_cache"][3])
+        self.units = units
+
+    def describe(self) -> dict:
+        import coremltools as ct
+
+        decoder = self.path / DECODER / "Data" / "com.apple.CoreML" / "weights"
+        read = sum(f.stat().st_size for f in decoder.rglob("*") if f.is_file())
+        return {**super().describe(), "engine": f"Core ML (coremltools {ct.__version__})",
+                "compute_units": self.units.name, "max_context": self.max_context,
+                "decode_weight_bytes": read}
+
+    # ------------------------------------------------------------------------------------------- the parts
+
+    def embed_tokens(self, input_ids: np.ndarray) -> np.ndarray:
+        """[1, seq] -> [1, seq, hidden] float32 (the table is fp16 on disk)."""
+        return np.asarray(self.embeddings[np.asarray(input_ids, dtype=np.int64)], dtype=np.float32)
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[1, tiles, 3, S, S] -> [tiles * image_seq_len, hidden]. Tiles from pocketvlm.prompt are full squares
+        (no padding tile for a single request)."""
+        tiles = np.ascontiguousarray(pixel_values.reshape(-1, *pixel_values.shape[2:]), dtype=np.float32)
+        feats = self.vision.predict({"pixel_values": tiles})["image_features"]
+        return np.asarray(feats, dtype=np.float32).reshape(-1, feats.shape[-1])
+
+    def merge(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray) -> np.ndarray:
+        slots = input_ids == self.processor.image_token_id
+        if int(slots.sum()) != len(features):
+            raise ArtifactError(f"{self.path}: the vision encoder gave {len(features)} image embeddings for "
+                                f"{int(slots.sum())} <image> tokens; the artifact does not match its processor")
+        embeds[slots] = features
+        return embeds
+
+    def forward(self, embeds: np.ndarray, start: int, state) -> np.ndarray:
+        """Feed [1, q, hidden] at positions start .. start + q - 1; the last position's logits [vocab]."""
+        q = embeds.shape[1]
+        out = self.decoder.predict({"inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
+                                    "position_ids": np.arange(start, start + q, dtype=np.int32)[None],
+                                    "causal_mask": causal_mask(q, start + q)}, state=state)
+        return np.asarray(out["logits"], dtype=np.float32).reshape(-1)
+
+    # ------------------------------------------------------------------------------------------- decoding
+
+    def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
+                 with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:
+        enc = self.processor.encode(request)
+        n_prompt = len(enc.input_ids)
+        context = min(self.processor.config.context_length, self.max_context)
+        if n_prompt >= context:
+            raise PocketVLMError(f"the prompt is {n_prompt} tokens, this Core ML export holds {self.max_context} "
+                                 f"(--max-context); re-export with a longer one or use fewer/smaller images")
+        stream = TextStream(self.processor)
+        ids = enc.input_ids[None]
+
+        start = time.perf_counter()
+        features = self.image_features(enc.pixel_values) if enc.pixel_values is not None else None
+        encoded = time.perf_counter()
+        embeds = self.embed_tokens(ids)
+        if features is not None:
+            embeds = self.merge(ids, embeds, features)
+        state = self.decoder.make_state()
+        logits = self.forward(embeds, 0, state)
+        prefilled = time.perf_counter()
+
+        position = n_prompt
+        for n in range(1, (len(force) if force is not None else max_tokens) + 1):
+            token = int(np.argmax(logits))
+            first = n == 1
+            yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(),
+                       logits=logits.copy() if with_logits else None,
+                       encode_s=(encoded - start) if first and features is not None else None,
+                       prefill_s=(prefilled - encoded) if first else None,
+                       prompt_tokens=n_prompt if first else None)
+            fed = next_input(token, n, position, max_tokens=max_tokens, context=context,
+                             eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
+            if fed is None:
+                return
+            logits = self.forward(self.embed_tokens(np.array([[fed]])), position, state)
+            position += 1
