@@ -67,7 +67,7 @@ class CoreMLBackend(Backend):
                 raise ArtifactError(f"{self.path}: {name} is missing; re-export the artifact")
         self.processor = Processor(self.path)
         self.threads = threads  # Core ML schedules its own threads; kept for describe()
-        units = ct.ComputeUnit.CPU_AND_GPU if threads is None else ct.ComputeUnit.CPU_ONLY
+        units = ct.ComputeUnit.ALL if threads is None else ct.ComputeUnit.CPU_ONLY
         start = time.perf_counter()
         try:
             self.vision = ct.models.MLModel(str(self.path / VISION), compute_units=units)
@@ -81,6 +81,8 @@ class CoreMLBackend(Backend):
         if set(states) != {"k_cache", "v_cache"}:
             raise ArtifactError(f"{self.path}: {DECODER} has no k_cache/v_cache states; re-export the artifact")
         self.max_context = int(states["k_cache"][3])
+        pixels = self.vision.get_spec().description.input[0].type.multiArrayType
+        self.max_tiles = int(pixels.shapeRange.sizeRanges[0].upperBound) if pixels.HasField("shapeRange") else 1
         self.units = units
 
     def describe(self) -> dict:
@@ -100,10 +102,13 @@ class CoreMLBackend(Backend):
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
         """[1, tiles, 3, S, S] -> [tiles * image_seq_len, hidden]. Tiles from pocketvlm.prompt are full squares
-        (no padding tile for a single request)."""
+        (no padding tile for a single request); more tiles than the package's range run in several calls."""
         tiles = np.ascontiguousarray(pixel_values.reshape(-1, *pixel_values.shape[2:]), dtype=np.float32)
-        feats = self.vision.predict({"pixel_values": tiles})["image_features"]
-        return np.asarray(feats, dtype=np.float32).reshape(-1, feats.shape[-1])
+        out = []
+        for i in range(0, len(tiles), self.max_tiles):
+            feats = self.vision.predict({"pixel_values": tiles[i:i + self.max_tiles]})["image_features"]
+            out.append(np.asarray(feats, dtype=np.float32).reshape(-1, feats.shape[-1]))
+        return np.concatenate(out)
 
     def merge(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray) -> np.ndarray:
         slots = input_ids == self.processor.image_token_id
