@@ -7,7 +7,9 @@ TorchScript exporter fails on this architecture). Found by trying (torch 2.13, t
 - a dimension whose example size is 1 gets specialised, so every example has batch 2 and several tiles/tokens;
 - transformers' get_image_features drops all-zero (padding) tiles, a data-dependent shape; the graph encodes every
   tile it is given and the caller drops padding tiles first (runtime/onnx.py does; transformers.js never pads one
-  image); the patch mask is computed with reshape + sum instead of unfold;
+  image); the patch mask is computed with reshape + sum instead of unfold, cropped first where the patch size
+  does not divide the tile (2.2B), and torch.bucketize (patch position ids) is traced as a comparison count: the
+  exporter's binary-search version gathers out of range for 26 boundaries (2.2B), failing at run time;
 - the exporter names weights val_<n>; they are renamed after the transformers parameter they hold (`<name>.T` when
   transposed for MatMul) and node metadata (stack traces with local paths) is dropped;
 - every graph keeps its weights in <file>.onnx_data, so models over 2 GB (2.2B) need no special case.
@@ -71,7 +73,20 @@ def _wrappers():
     model.vision_model, model.connector, lm_head), so the exporter's name scopes are the checkpoint's names."""
     import torch
     from torch import nn
+    from torch.overrides import TorchFunctionMode
     from transformers.cache_utils import DynamicCache
+
+    class BucketizeByComparison(TorchFunctionMode):
+        """torch.bucketize as a count of boundaries passed: the same numbers, without the exporter's binary-search
+        decomposition, whose gathers run out of range when the boundary count is not 2^k - 1 (2.2B: 26)."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.bucketize and not kwargs.get("out_int32") and not kwargs.get("sorter"):
+                values, boundaries = args[0], args[1]
+                passed = boundaries <= values[..., None] if kwargs.get("right") else boundaries < values[..., None]
+                return passed.sum(dim=-1)
+            return func(*args, **kwargs)
 
     class Parts(nn.Module):
         """A namespace holding the submodules one wrapper uses under their transformers names."""
@@ -92,10 +107,14 @@ def _wrappers():
         def forward(self, pixel_values, pixel_attention_mask):
             b, n, c, h, w = pixel_values.shape
             pixels = pixel_values.reshape(b * n, c, h, w)
-            p = self.patch  # a patch is real if any of its pixels is: transformers' unfold(...).sum() > 0
-            mask = pixel_attention_mask.reshape(b * n, h // p, p, w // p, p).to(torch.int32)
-            patch_mask = mask.sum(dim=(2, 4)) > 0
-            hidden = self.model.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask).last_hidden_state
+            # a patch is real if any of its pixels is (transformers: unfold(...).sum() > 0); like unfold and the
+            # patch convolution, drop the edge a patch does not fit in (2.2B: 384-pixel tiles, 14-pixel patches)
+            p, hp, wp = self.patch, h // self.patch, w // self.patch
+            mask = pixel_attention_mask.reshape(b * n, h, w)[:, :hp * p, :wp * p]
+            patch_mask = mask.reshape(b * n, hp, p, wp, p).to(torch.int32).sum(dim=(2, 4)) > 0
+            with BucketizeByComparison():  # the patch position ids (SmolVLMVisionEmbeddings)
+                hidden = self.model.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask)
+            hidden = hidden.last_hidden_state
             return self.model.connector(hidden)
 
     class EmbedTokens(nn.Module):

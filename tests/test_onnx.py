@@ -190,6 +190,46 @@ def test_q4_logits_are_exactly_the_dequantized_weights(onnx_exports, tiny_model)
     assert np.abs(ours[0].logits - fp32[0].logits).max() > 0.1  # 4-bit is visibly not fp32: the match means something
 
 
+def test_a_patch_size_that_does_not_divide_the_tile(tiny_model, tmp_path):
+    """2.2B's 384-pixel tiles and 14-pixel patches leave a 6-pixel edge no patch covers (transformers' unfold and the
+    patch convolution drop it). A tiny model with the same misfit (90-pixel tiles, 14-pixel patches) exports and
+    reproduces the reference."""
+    import torch
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    from pocketvlm.runtime.reference import ReferenceBackend
+
+    src = tmp_path / "odd-patch"
+    shutil.copytree(tiny_model, src)
+    for name in ("pocketvlm.json", "model.safetensors"):
+        (src / name).unlink()
+    config = SmolVLMConfig.from_pretrained(tiny_model)
+    config.vision_config.image_size, config.vision_config.patch_size = 90, 14
+    torch.manual_seed(0)
+    model = SmolVLMForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.25)
+    model.save_pretrained(src)
+    pre = load_json(src / "preprocessor_config.json")
+    pre["max_image_size"], pre["size"] = {"longest_edge": 90}, {"longest_edge": 180}
+    (src / "preprocessor_config.json").write_text(json.dumps(pre))
+    (src / "processor_config.json").write_text(json.dumps({"processor_class": "SmolVLMProcessor",
+                                                           "image_seq_len": (90 // 14) ** 2 // 4}))
+    out = tmp_path / "onnx"
+    proc = run_cli("export", src, "--to", "onnx", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    backend, reference = open_backend(out), ReferenceBackend(src)
+    request = circle_request(width=250, height=130)
+    assert backend.prompt_token_ids(request) == reference.prompt_token_ids(request)
+    assert backend.processor.encode(request).pixel_values.shape[-1] == 90
+    ours = backend.run(request, 8, ignore_eos=True, with_logits=True)
+    ref = reference.run(request, 8, ignore_eos=True, with_logits=True)
+    assert ours.token_ids == ref.token_ids
+    assert np.abs(ours.logits[0] - ref.logits[0]).max() < 1e-4
+
+
 # ------------------------------------------------------------------------------------------ layout, backend
 
 def test_layout_manifest_and_sizes(onnx_exports):
