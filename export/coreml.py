@@ -238,12 +238,12 @@ def wrappers():
 
 
 def _vision_position_ids(embeddings, patch_attention_mask):
-    """Run transformers' SmolVLMVisionEmbeddings position-id code eagerly by asking the module itself: embed a
-    zero image with and without position embeddings and recover the ids from the difference."""
+    """The position ids transformers' SmolVLMVisionEmbeddings computes (bucketize on fractional patch coordinates)
+    for a patch mask, read off the module's own forward: with the patch convolution zeroed and row r of the
+    position table set to (r, 0, 0, ...), channel 0 of its output is each patch's position id. The weights are
+    restored afterwards."""
     import torch
 
-    # the ids are the argmin over embedding rows of the added vector; simpler and exact: replicate transformers'
-    # code path (bucketize on fractional coordinates) through the module's forward with a probe table.
     side = patch_attention_mask.shape[1]
     patch = embeddings.patch_embedding
     pixels = torch.zeros(1, patch.in_channels, side * patch.stride[0], side * patch.stride[1])
