@@ -4,7 +4,7 @@
 # of everything that decides what gets installed; a run that dies half-way leaves no .complete marker, and the next
 # run starts that environment over. Installing from nothing takes a few minutes (torch is a local CPU wheel).
 _pv_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-_pv_extras="${POCKETVLM_EXTRAS:-dev,mlx,bench,gguf,onnx}"
+_pv_extras="${POCKETVLM_EXTRAS:-dev,mlx,bench,gguf,onnx,coreml}"
 _pv_key="$(cat "$_pv_root/pyproject.toml" "$_pv_root/.ci/constraints.txt" "$_pv_root/.ci/env.sh" \
            <(echo "$_pv_extras") <(python3 --version 2>&1) | sha256sum | cut -c1-16)"
 POCKETVLM_ENV="${POCKETVLM_ENV_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/pocketvlm}/env-$_pv_key"
