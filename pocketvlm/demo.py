@@ -178,7 +178,7 @@ def _fmt(v, spec):
 
 def render(results: dict) -> str:
     lines = [f"# pocketvlm demo — {results['model']}", "",
-             f"{results['questions']} held-out questions (synthetic: color, count, position, number, shape), greedy, "
+             f"{results['questions']} held-out questions (synthetic: color, count, position, number), greedy, "
              f"on {results['machine']}. Agreement: same answer as the PyTorch reference.", "",
              "| format | quant | size | accuracy | agreement | TTFT | decode tok/s | status |",
              "|---|---|---|---|---|---|---|---|"]

@@ -66,7 +66,14 @@ def train(model, model_dir: Path, cfg: dict, *, seed: int = 0, progress: bool = 
     data = encode_examples(processor, examples(cfg["examples"], TRAIN_SEED + seed))
     pad = processor.tokenizer.token_to_id("<|im_end|>")
     steps, batch = cfg["steps"], cfg["batch"]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=cfg["weight_decay"])
+    # The vision tower learns from scratch through the connector and the language model, so its gradients arrive
+    # weak: it gets a larger learning rate (vision_lr_mult).
+    vision = [p for n, p in model.named_parameters() if ".vision_model." in f".{n}" or "connector" in n]
+    vision_ids = {id(p) for p in vision}
+    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    opt = torch.optim.AdamW([{"params": rest, "lr": cfg["lr"]},
+                             {"params": vision, "lr": cfg["lr"] * cfg.get("vision_lr_mult", 1.0)}],
+                            betas=(0.9, 0.98), weight_decay=cfg["weight_decay"])
 
     def lr_at(step):  # linear warm-up, cosine decay to a tenth
         if step < cfg["warmup"]:

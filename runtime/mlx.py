@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pocketvlm.errors import ArtifactError
 from pocketvlm.manifest import read_manifest
 from pocketvlm.prompt import Processor, Request
 
@@ -37,8 +38,13 @@ class MLXBackend(Backend):
         self.quant = (read_manifest(self.path) or {}).get("quant", "unknown")
         self.processor = Processor(self.path)
         start = time.perf_counter()
-        self.model = load_model(self.path)
-        mx.eval(self.model.parameters())
+        try:
+            self.model = load_model(self.path)
+            mx.eval(self.model.parameters())
+        except Exception as e:  # mlx-vlm raises ValueError/RuntimeError/OSError/KeyError for broken folders
+            detail = " ".join(str(e).split())[:200] or e.__class__.__name__
+            raise ArtifactError(f"{self.path}: mlx-vlm cannot load this folder ({e.__class__.__name__}: {detail}); "
+                                f"re-export it") from None
         self.load_s = time.perf_counter() - start
 
     def describe(self) -> dict:

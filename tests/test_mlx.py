@@ -175,3 +175,16 @@ def test_group_size_32_quantizes_what_64_cannot(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     info = load_json(out / "pocketvlm.json")["quantization"]
     assert info["group_size"] == 32 and info["kept_float"] == {}
+
+
+def test_a_folder_mlx_vlm_cannot_load_is_one_line(mlx_exports, tmp_path):
+    from pocketvlm.manifest import write_manifest
+
+    broken = tmp_path / "broken"
+    shutil.copytree(mlx_exports["fp16"], broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 64)  # not a safetensors file
+    manifest = load_json(broken / "pocketvlm.json")
+    write_manifest(broken, format="mlx", quant="fp16", source=manifest["source"], tools=manifest["tools"])
+    assert_user_error(run_cli("ask", broken, "What?", "--max-tokens", 2), "mlx-vlm cannot load this folder")
+    (broken / "model.safetensors").unlink()  # a missing shard, caught by the manifest
+    assert_user_error(run_cli("ask", broken, "What?"), "model.safetensors is missing")
