@@ -146,6 +146,44 @@ def _wrappers():
     return VisionEncoder, EmbedTokens, Decoder
 
 
+ATTENTION = "pocketvlm_grouped"
+
+
+def _grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The text model's attention, traced for decoding on a growing KV cache: query heads grouped over their shared
+    K/V head (a broadcast matmul) instead of transformers' repeat_kv, and the scale applied to the scores. Traced,
+    repeat_kv + sdpa copy the whole cache three to four times per layer per token (expand, transpose, scale), which
+    dominated decode time at image-prompt lengths. Same arithmetic as transformers' eager attention."""
+    import torch
+
+    b, h, s, d = query.shape
+    kv_heads, t = key.shape[1], key.shape[2]
+    groups = h // kv_heads
+    scaling = d ** -0.5 if scaling is None else scaling
+    q = query.reshape(b, kv_heads, groups * s, d)  # head i reads K/V head i // groups
+    scores = (torch.matmul(q, key.transpose(-1, -2)) * scaling).reshape(b, h, s, t)
+    if attention_mask is None:  # causal, no padding (transformers may skip the mask outside tracing)
+        attention_mask = torch.ones(s, t, dtype=torch.bool, device=query.device).tril(t - s)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask[..., :t]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs.reshape(b, kv_heads, groups * s, t), value).reshape(b, h, s, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_grouped_attention(hf) -> None:
+    """Register _grouped_attention through transformers' public AttentionInterface (with sdpa's boolean mask) and
+    switch the text model to it; the vision tower keeps its own."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, _grouped_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    hf.model.text_model.set_attn_implementation(ATTENTION)
+
+
 # ------------------------------------------------------------------------------------------------- export
 
 def export_fp32(model_dir: Path, root: Path, *, progress: bool) -> dict:
@@ -157,6 +195,7 @@ def export_fp32(model_dir: Path, root: Path, *, progress: bool) -> dict:
     hf_logging.disable_progress_bar()
     qonnx.log(progress, f"loading {model_dir} (fp32)")
     hf = SmolVLMForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    _use_grouped_attention(hf)
     params = dict(hf.named_parameters())
     VisionEncoder, EmbedTokens, Decoder = _wrappers()
     text, vision = hf.config.text_config, hf.config.vision_config
