@@ -12,6 +12,9 @@ TorchScript exporter fails on this architecture). Found by trying (torch 2.13, t
   exporter's binary-search version gathers out of range for 26 boundaries (2.2B), failing at run time;
 - the exporter names weights val_<n>; they are renamed after the transformers parameter they hold (`<name>.T` when
   transposed for MatMul) and node metadata (stack traces with local paths) is dropped;
+- traced as-is, transformers' attention (repeat_kv + sdpa) copies the whole KV cache three to four times per layer
+  per token; the text model is switched to _grouped_attention (registered through transformers' AttentionInterface),
+  which broadcasts the shared K/V heads instead;
 - every graph keeps its weights in <file>.onnx_data, so models over 2 GB (2.2B) need no special case.
 int8/q4/fp16 are made from the fp32 graphs with onnxruntime's tools (quantize/onnx.py).
 """
