@@ -158,7 +158,9 @@ EXPORT_OPTIONS = {
                                              "(default: the one in the installed llama-cpp-python's sdist)"),
     "mmproj_quant": dict(choices=["f16", "q8_0"], help="gguf: vision projector type (default f16)"),
     "max_context": dict(type=int, metavar="N", help="coreml: KV-cache length of the stateful decoder "
-                                                    "(default: the export's own default)"),
+                                                    "(default: the model's context, at most 4096)"),
+    "deployment_target": dict(metavar="OS", help="coreml: minimum deployment target (default iOS18; the stateful "
+                                                 "KV cache needs iOS 18 / macOS 15)"),
     "group_size": dict(type=int, help="mlx: quantization group size, 32, 64 or 128 (default 64)"),
     "keep_vision": dict(choices=["fp16"],
                         help="mlx 8bit/4bit: keep the vision tower unquantized in fp16, as Hugging Face's iOS builds "
@@ -236,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="run on this model instead (a real SmolVLM2 folder or cached Hub id)")
     p.add_argument("--out", help="report folder (default: ./pocketvlm-demo-<time>)")
     p.add_argument("--formats", help="comma-separated subset of formats (default: all available)")
-    p.add_argument("--questions", type=int, default=None, help="ask only the first N held-out questions")
+    p.add_argument("--questions", type=int, default=40,
+                   help="held-out questions to ask, tasks in turn (default 40 = 10 per task; 200 asks them all — "
+                        "quantized MLX on Linux takes ~2 s a question)")
     p.add_argument("--cloud", default="mistral-medium-3", help="provider for the edge-vs-cloud line, or 'none'")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_demo)

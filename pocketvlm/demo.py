@@ -74,7 +74,7 @@ def _size(path: Path) -> int:
 
 
 def run_demo(model: str | None = None, out: Path | None = None, formats: list[str] | None = None,
-             questions: int | None = None, cloud: str | None = "mistral-medium-3", progress: bool = True) -> Path:
+             questions: int | None = 40, cloud: str | None = "mistral-medium-3", progress: bool = True) -> Path:
     from tqdm import tqdm
 
     from pocketvlm.export import export_model
