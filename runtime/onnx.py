@@ -46,12 +46,6 @@ def past_name(output_name: str) -> str:
     return output_name.replace("present.", "past_key_values.", 1)
 
 
-def ort_version() -> str:
-    import onnxruntime as ort
-
-    return ort.__version__
-
-
 class ONNXBackend(Backend):
     name = "onnx"
 
@@ -101,7 +95,7 @@ class ONNXBackend(Backend):
         data = decoder.with_name(decoder.name + DATA_SUFFIX)
         read = decoder.stat().st_size + (data.stat().st_size if data.is_file() else 0)
         return {**super().describe(), "engine": f"onnxruntime {ort.__version__}",
-                "providers": self.decoder.get_providers(), "threads": self.threads or "default",
+                "providers": self.decoder.get_providers(), "threads": self.threads,
                 "decode_weight_bytes": read}
 
     # ------------------------------------------------------------------------------------ the three parts
