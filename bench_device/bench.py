@@ -17,19 +17,14 @@ from . import costs, edge, report
 from .device import describe_device
 
 DEFAULT_QUESTION = "Describe this image."
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def bench_images(images_dir: Path | None, scratch: Path) -> list[Path]:
     """The user's images, or the drawn probe images of `pocketvlm check`, written as PNG."""
     if images_dir:
-        images_dir = Path(images_dir)
-        if not images_dir.is_dir():
-            raise PocketVLMError(f"{images_dir}: no such folder of images")
-        paths = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise PocketVLMError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return paths
+        from pocketvlm.media import image_files
+
+        return image_files(images_dir)
     from pocketvlm.quantize.fidelity import builtin_samples
 
     paths = []

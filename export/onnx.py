@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketvlm.export import base_tools, copy_processor_files, source_record
+from pocketvlm.export import copy_processor_files, source_record
 from pocketvlm.manifest import atomic_output
 from pocketvlm.models import ModelSource
 from pocketvlm.quantize import onnx as qonnx

@@ -28,6 +28,20 @@ MODE_HINTS = {
 }
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def image_files(folder) -> list[Path]:
+    """The image files of a folder, sorted by name (opened and validated later, by open_image)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MediaError(f"{folder}: no such folder of images")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise MediaError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
 def check_file(path: Path, kind: str) -> Path:
     path = Path(path)
     if not path.exists():

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pocketvlm.errors import PocketVLMError
-from pocketvlm.media import Video, open_image
+from pocketvlm.media import Video, image_files, open_image
 from pocketvlm.prompt import Request
 
 
@@ -79,18 +79,9 @@ def load_samples(path: Path) -> list[Sample]:
     return samples
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
 def image_dir_samples(folder: Path, question: str = "Describe this image.") -> list[Sample]:
     """Every image in FOLDER, each asked the same question."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PocketVLMError(f"{folder}: no such folder of images")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise PocketVLMError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return [Sample(p.name, Request(question, images=[open_image(p)])) for p in paths]
+    return [Sample(p.name, Request(question, images=[open_image(p)])) for p in image_files(folder)]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, draw_image, load_json, run_cli, write_video
+from conftest import assert_user_error, draw_image, load_json, run_cli
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'pocketvlm[onnx]')")
 pytest.importorskip("onnx", reason="onnx is not installed (pip install 'pocketvlm[onnx]')")
 
 from pocketvlm.prompt import Request  # noqa: E402
 from pocketvlm.runtime import open_backend  # noqa: E402
-from pocketvlm.runtime.onnx import PARTS, ONNXBackend, part_file  # noqa: E402
+from pocketvlm.runtime.onnx import PARTS, part_file  # noqa: E402
 
 QUANTS = ("fp32", "fp16", "int8", "q4")
 JS_DIR = Path(__file__).parent / "js"
