@@ -100,6 +100,26 @@ def _serve(args) -> int:
     return 0
 
 
+def _serve_web(args) -> int:
+    from pocketvlm.runtime.web import WebDemo, make_server, urls
+
+    demo = WebDemo(Path(args.artifact))
+    server = make_server(demo, args.host, args.port)
+    port = server.server_address[1]
+    where = urls(args.host, port)
+    print(f"pocketvlm: web demo for {args.artifact} ({demo.manifest.get('quant')}) at {where[0]} "
+          f"(Ctrl-C stops)", file=sys.stderr, flush=True)
+    for url in where[1:]:
+        print(f"pocketvlm: on a phone on the same network, open {url}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _bench(args) -> int:
     from pocketvlm.bench_device import report
     from pocketvlm.bench_device.bench import bench
@@ -257,6 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require this bearer token from clients")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the engine")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "serve-web", help="serve the mobile web demo with an ONNX export (the browser runs the model)",
+        description="Serve the web demo page (samples/web/) and ARTIFACT, an ONNX export, at http://HOST:PORT/. "
+                    "The browser runs the model itself with transformers.js on onnxruntime-web (WebAssembly, or "
+                    "WebGPU where available); every file comes from this server, nothing from a CDN. Needs the "
+                    "page's npm packages (npm ci --prefix samples/web).")
+    p.add_argument("artifact", help="an ONNX export folder (pocketvlm export MODEL --to onnx --out DIR)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0: phones on the same network)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.set_defaults(func=_serve_web)
 
     p = sub.add_parser(
         "quantize", help="quantize an exported artifact further (same format)",

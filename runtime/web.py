@@ -1,0 +1,258 @@
+"""`pocketvlm serve-web`: the mobile web demo (samples/web/) and one ONNX export, served as static files.
+
+The browser does the inference (transformers.js on onnxruntime-web: WebAssembly, or WebGPU where the page finds
+it); this server only hands out files, from four places and nothing else:
+
+    /, /app.js, /style.css       the page (samples/web/)
+    /vendor/...                  transformers.js's self-contained bundle and onnxruntime-web's .mjs/.wasm, from
+                                 samples/web/node_modules (installed with `npm ci`; nothing comes from a CDN)
+    /models/<id>/<path>          the files the artifact's pocketvlm.json lists; <id> = quant + a hash of the
+                                 manifest, so a re-exported model never meets a stale browser cache
+    /samples/<name>.png          the held-out sample images, offered on the page as one-tap pictures
+    /demo.json                   what the page needs to start: the model id, its quant, the sample list
+
+Loopback by default; `--host 0.0.0.0` lets a phone on the same network open it. Torch-free, standard library only.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import re
+import shutil
+import socket
+import socketserver
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from pocketvlm.errors import ArtifactError, PocketVLMError
+from pocketvlm.manifest import FILENAME, read_manifest, verify
+
+PAGE_FILES = ("index.html", "app.js", "style.css")
+# what the page imports from node_modules: path under node_modules -> URL under /vendor/
+TRANSFORMERS_BUNDLE = "@huggingface/transformers/dist/transformers.min.js"
+ORT_DIST = "onnxruntime-web/dist"
+ORT_FILE = re.compile(r"ort-wasm-simd-threaded(\.[a-z]+)?\.(mjs|wasm)")
+SAMPLES_SHOWN = 12  # held-out pictures offered on the page (the first ones of questions.json: every task in turn)
+
+MIME = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "application/javascript; charset=utf-8",
+    ".mjs": "application/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json; charset=utf-8",
+    ".wasm": "application/wasm",
+    ".onnx": "application/octet-stream",
+    ".onnx_data": "application/octet-stream",
+    ".png": "image/png",
+    ".jinja": "text/plain; charset=utf-8",
+}
+
+
+def web_dir() -> Path:
+    """samples/web/ of this installation (the source checkout when installed editable)."""
+    import pocketvlm.samples
+
+    return Path(pocketvlm.samples.__file__).resolve().parent / "web"
+
+
+def npm_command(web: Path) -> str:
+    return f"npm ci --prefix {web} --omit=dev --ignore-scripts"
+
+
+def check_web(web: Path) -> Path:
+    """The page's folder, with its npm packages installed; else one line saying what to run."""
+    missing = [name for name in PAGE_FILES if not (web / name).is_file()]
+    if missing:
+        raise PocketVLMError(f"the web demo's page is not in this installation ({web / missing[0]} is missing); "
+                             f"run serve-web from a source checkout of pocketvlm (pip install -e .)")
+    modules = web / "node_modules"
+    if not (modules / TRANSFORMERS_BUNDLE).is_file() or not any(
+            ORT_FILE.fullmatch(p.name) for p in (modules / ORT_DIST).glob("*.wasm")):
+        raise PocketVLMError(f"the web demo's npm packages are not installed; run: {npm_command(web)}")
+    return web
+
+
+def check_artifact(path: Path) -> dict:
+    """An ONNX export, verified against its manifest (sizes and hashes), as every other command checks it."""
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such folder; export one with: pocketvlm export MODEL --to onnx --out {path}")
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: not a folder; serve-web needs an ONNX export folder")
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise ArtifactError(f"{path}: not a pocketvlm artifact (no {FILENAME}); export one with: "
+                            f"pocketvlm export MODEL --to onnx --out DIR")
+    if manifest.get("format") != "onnx":
+        raise ArtifactError(f"{path}: a {manifest.get('format')!r} artifact; the web demo runs ONNX exports "
+                            f"(pocketvlm export MODEL --to onnx --out DIR)")
+    verify(path, manifest)
+    return manifest
+
+
+def samples(limit: int = SAMPLES_SHOWN) -> list[dict]:
+    """The first held-out pictures and their questions (no answers: the page is there to find them out)."""
+    import pocketvlm.samples
+
+    root = Path(pocketvlm.samples.__file__).resolve().parent / "heldout"
+    try:
+        entries = json.loads((root / "questions.json").read_text())
+    except (OSError, ValueError):
+        return []
+    out = []
+    for entry in entries[:limit]:
+        name = Path(entry["image"]).name
+        if (root / "images" / name).is_file():
+            out.append({"image": f"/samples/{name}", "question": entry["question"], "task": entry.get("task")})
+    return out
+
+
+class WebDemo:
+    """What the server hands out: a URL path -> a file (or the generated demo.json)."""
+
+    def __init__(self, artifact: Path, web: Path | None = None):
+        self.artifact = Path(artifact).expanduser()
+        self.manifest = check_artifact(self.artifact)
+        self.web = check_web(web or web_dir())
+        digest = hashlib.sha256((self.artifact / FILENAME).read_bytes()).hexdigest()[:12]
+        self.model_id = f"{self.manifest.get('quant', 'onnx')}-{digest}"
+        self.model_files = {entry["path"] for entry in self.manifest["files"]}
+        self.samples = samples()
+        self.sample_dir = web_dir().parent / "heldout" / "images"
+        modules = self.web / "node_modules"
+        self.vendor = {"transformers.min.js": modules / TRANSFORMERS_BUNDLE}
+        for p in (modules / ORT_DIST).iterdir():
+            if ORT_FILE.fullmatch(p.name):
+                self.vendor[f"ort/{p.name}"] = p
+
+    def demo_json(self) -> bytes:
+        source = self.manifest.get("source") or {}
+        return json.dumps({
+            "model": self.model_id, "quant": self.manifest.get("quant"), "format": self.manifest.get("format"),
+            "name": self.artifact.name, "source": source.get("id") or source.get("path"),
+            "samples": self.samples,
+        }).encode()
+
+    def resolve(self, url_path: str) -> Path | None:
+        """The file behind a URL path, or None (404). Only listed files: no directory walks, no '..'."""
+        path = unquote(url_path)
+        if path in ("/", ""):
+            path = "/index.html"
+        if path.lstrip("/") in PAGE_FILES:
+            return self.web / path.lstrip("/")
+        if path.startswith("/vendor/"):
+            return self.vendor.get(path[len("/vendor/"):])
+        if path.startswith(f"/models/{self.model_id}/"):
+            rel = path[len(f"/models/{self.model_id}/"):]
+            return self.artifact / rel if rel in self.model_files else None
+        if path.startswith("/samples/"):
+            name = path[len("/samples/"):]
+            if any(s["image"] == path for s in self.samples):
+                return self.sample_dir / name
+        return None
+
+
+def make_handler(demo: WebDemo):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "pocketvlm-web"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format, *args):  # quiet: one line per request is noise on a phone demo
+            pass
+
+        def do_GET(self):
+            self._send(body=True)
+
+        def do_HEAD(self):
+            self._send(body=False)
+
+        def _headers(self, status: int, content_type: str, length: int, cache: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(length))
+            self.send_header("Cache-Control", cache)
+            # cross-origin isolation: lets onnxruntime-web use threads where the browser allows them
+            # (secure contexts: loopback, https)
+            self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+            self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+
+        def _send(self, body: bool) -> None:
+            path = urlsplit(self.path).path
+            try:
+                if path == "/demo.json":
+                    data = demo.demo_json()
+                    self._headers(200, MIME[".json"], len(data), "no-cache")
+                    if body:
+                        self.wfile.write(data)
+                    return
+                target = demo.resolve(path)
+                if target is None or not target.is_file():
+                    data = b"not found\n"
+                    self._headers(404, "text/plain; charset=utf-8", len(data), "no-store")
+                    if body:
+                        self.wfile.write(data)
+                    return
+                suffix = target.suffix if target.suffix in MIME else ".onnx"
+                # model files sit under a URL that changes with the manifest: safe to keep
+                cache = "public, max-age=31536000, immutable" if path.startswith("/models/") else "no-cache"
+                self._headers(200, MIME[suffix], target.stat().st_size, cache)
+                if body:
+                    with target.open("rb") as f:
+                        shutil.copyfileobj(f, self.wfile, 1 << 20)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the browser went away mid-file
+
+    return Handler
+
+
+def make_server(demo: WebDemo, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Server(ThreadingHTTPServer):
+        address_family = family
+        daemon_threads = True
+
+        def server_bind(self):  # HTTPServer's own looks the host name up (getfqdn): no lookups on a demo server
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = host, self.server_address[1]
+
+    try:
+        return Server((host, port), make_handler(demo))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise PocketVLMError(f"port {port} on {host} is in use; pick another with --port "
+                                 f"(--port 0 picks a free one)") from None
+        raise PocketVLMError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
+def lan_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than loopback, read from the interfaces (Linux); no packets sent."""
+    try:
+        import fcntl
+        import struct
+    except ImportError:
+        return []
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            address = socket.inet_ntoa(packed[20:24])
+            if not address.startswith("127.") and address not in found:
+                found.append(address)
+    return found
+
+
+def urls(host: str, port: int) -> list[str]:
+    """Where the page can be opened from: loopback, plus every LAN address when bound to all interfaces."""
+    if host in ("0.0.0.0", "::", ""):
+        lan = lan_addresses() if sys.platform.startswith("linux") else []
+        return [f"http://127.0.0.1:{port}/"] + [f"http://{a}:{port}/" for a in lan]
+    return [f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"]
