@@ -101,7 +101,7 @@ def _serve(args) -> int:
 
 
 def _serve_web(args) -> int:
-    from pocketvlm.runtime.web import WebDemo, make_server, urls
+    from pocketvlm.runtime.web import WebDemo, make_server, notes, urls
 
     demo = WebDemo(Path(args.artifact))
     server = make_server(demo, args.host, args.port)
@@ -111,6 +111,8 @@ def _serve_web(args) -> int:
           f"(Ctrl-C stops)", file=sys.stderr, flush=True)
     for url in where[1:]:
         print(f"pocketvlm: on a phone on the same network, open {url}", file=sys.stderr, flush=True)
+    for note in notes(demo.manifest):
+        print(f"pocketvlm: note: {note}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -155,6 +155,14 @@ class WebDemo:
         return None
 
 
+def notes(manifest: dict) -> list[str]:
+    """What a user should know before opening the page with this export."""
+    if manifest.get("quant") == "q4":
+        return ["q4 exports quantize the embedding table (GatherBlockQuantized), which onnxruntime-web runs on WebGPU "
+                "only: browsers without WebGPU need an fp32, fp16 or int8 export"]
+    return []
+
+
 def make_handler(demo: WebDemo):
     class Handler(BaseHTTPRequestHandler):
         server_version = "pocketvlm-web"

@@ -243,3 +243,11 @@ def test_missing_npm_packages_name_the_command(micro_onnx, tmp_path, monkeypatch
     (bare / "app.js").unlink()
     assert main(["serve-web", str(micro_onnx)]) == 2
     assert "source checkout" in capsys.readouterr().err
+
+
+def test_q4_exports_come_with_a_webgpu_note():
+    """onnxruntime-web has no WebAssembly kernel for the q4 embedding table (GatherBlockQuantized), only a WebGPU one:
+    serve-web says so up front, and the page names the cause if it fails to load (checked by hand in Chromium)."""
+    assert web.notes({"quant": "q4"}) and "WebGPU" in web.notes({"quant": "q4"})[0]
+    assert all(web.notes({"quant": q}) == [] for q in ("fp32", "fp16", "int8"))
+    assert "GatherBlockQuantized" in (WEB / "app.js").read_text()

@@ -203,7 +203,17 @@ function showStats(started, stamps) {
     return { ttft_ms, decode_tok_s, tokens: stamps.length };
 }
 
+function explain(error) {
+    const text = String(error?.message ?? error);
+    if (text.includes('GatherBlockQuantized')) {
+        // the q4 embedding table: onnxruntime-web has this kernel for WebGPU only
+        return `this q4 export needs WebGPU (the WebAssembly runtime cannot run its 4-bit embedding table); ` +
+            `serve an fp32, fp16 or int8 export here, or open the page where WebGPU is available. (${text})`;
+    }
+    return text;
+}
+
 load().catch((error) => {
     console.error(error);
-    setState('error', `Could not load the model: ${error.message ?? error}`);
+    setState('error', `Could not load the model: ${explain(error)}`);
 });
