@@ -2,8 +2,9 @@
 //
 //   node browser.mjs CHROMIUM URL SCREENSHOT_DIR ASKS_JSON
 //
-// ASKS_JSON: [{"image": "/samples/000-color.png", "question": "..."}, ...]. A phone viewport with touch; for each
-// ask: tap the sample picture, type the question, tap Ask, wait for the answer, take a screenshot. Prints one JSON
+// ASKS_JSON: [{"image": "/samples/000-color.png", "question": "..."}, {"file": "/path/photo.png", "question": ...}].
+// A phone viewport with touch; for each ask: tap the sample picture (or hand the photo picker a file), type the
+// question, tap Ask, wait for the answer, take a screenshot. Prints one JSON
 // object: the page's results (window.pocketvlm.last per ask), the screenshots, and every request that tried to
 // leave loopback (blocked, and a failure for the test) or failed.
 import path from 'node:path';
@@ -56,8 +57,17 @@ try {
     if ((await page.getAttribute('body', 'data-state')) === 'error') throw new Error(await page.textContent('#status'));
 
     for (const [i, ask] of asks.entries()) {
-        await page.locator(`#samples button[data-image="${ask.image}"]`).tap();
-        await page.waitForFunction((src) => document.getElementById('preview').getAttribute('src') === src, ask.image);
+        if (ask.file) {
+            // the photo picker (on a phone: the camera or the gallery) handing over a file
+            const before = await page.getAttribute('#preview', 'src');
+            await page.setInputFiles('#file', ask.file);
+            await page.waitForFunction(
+                (old) => (document.getElementById('preview').getAttribute('src') ?? old) !== old, before ?? '');
+        } else {
+            await page.locator(`#samples button[data-image="${ask.image}"]`).tap();
+            await page.waitForFunction(
+                (src) => document.getElementById('preview').getAttribute('src') === src, ask.image);
+        }
         await page.locator('#question').tap();
         await page.locator('#question').fill('');
         await page.keyboard.type(ask.question);
