@@ -53,7 +53,7 @@ class Server:
 
     def __init__(self, artifact: Path, *args: str):
         self.proc = subprocess.Popen([sys.executable, "-m", "pocketvlm", "serve-web", str(artifact), "--port", "0",
-                                      *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                      *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         first = self.proc.stderr.readline()
         assert " at http://" in first, first + self.proc.stderr.read()
         self.banner = [first]
@@ -66,11 +66,12 @@ class Server:
     def stop(self) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGINT)
         try:
-            _, err = self.proc.communicate(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, "".join(self.banner) + err
+            self.proc.wait()
+        # read through the same text stream as the banner (communicate() would skip what readline() buffered)
+        return self.proc.returncode, "".join(self.banner) + self.proc.stderr.read()
 
 
 @pytest.fixture(scope="module")
