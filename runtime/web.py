@@ -93,11 +93,16 @@ def check_artifact(path: Path) -> dict:
     return manifest
 
 
-def samples(limit: int = SAMPLES_SHOWN) -> list[dict]:
-    """The first held-out pictures and their questions (no answers: the page is there to find them out)."""
+def heldout_dir() -> Path:
+    """samples/heldout/ (installed with pocketvlm as package data, unlike the page)."""
     import pocketvlm.samples
 
-    root = Path(pocketvlm.samples.__file__).resolve().parent / "heldout"
+    return Path(pocketvlm.samples.__file__).resolve().parent / "heldout"
+
+
+def samples(limit: int = SAMPLES_SHOWN) -> list[dict]:
+    """The first held-out pictures and their questions (no answers: the page is there to find them out)."""
+    root = heldout_dir()
     try:
         entries = json.loads((root / "questions.json").read_text())
     except (OSError, ValueError):
@@ -121,7 +126,7 @@ class WebDemo:
         self.model_id = f"{self.manifest.get('quant', 'onnx')}-{digest}"
         self.model_files = {entry["path"] for entry in self.manifest["files"]}
         self.samples = samples()
-        self.sample_dir = web_dir().parent / "heldout" / "images"
+        self.sample_dir = heldout_dir() / "images"
         modules = self.web / "node_modules"
         self.vendor = {"transformers.min.js": modules / TRANSFORMERS_BUNDLE}
         for p in (modules / ORT_DIST).iterdir():
