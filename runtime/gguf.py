@@ -172,6 +172,13 @@ class _Skipped:
     length: int
 
 
+def decode_weight_bytes(info: GGUFInfo) -> int:
+    """What one decode step reads from the text model: every tensor but the token embedding table (one row per
+    step), unless the table doubles as the output head (no output.weight)."""
+    tied = info.tensor("output.weight") is None
+    return sum(t.nbytes or 0 for t in info.tensors if tied or t.name != "token_embd.weight")
+
+
 def read_gguf(path: Path, what: str | None = None) -> GGUFInfo:
     """Header, metadata and tensor table of a GGUF file, checked for being complete. One-line ArtifactError if the
     file is missing, is not GGUF, or is cut short."""
@@ -392,6 +399,7 @@ class GGUFBackend(Backend):
         check_pair(model_info, mmproj_info)
         self._check_vision_config(mmproj_info)
         self.n_embd = text_embedding_length(model_info)
+        self.decode_weight_bytes = decode_weight_bytes(model_info)
         self.threads = threads or default_threads()
         self._model = self._ctx = self._mtmd = None
         self._n_ctx = 0
@@ -478,7 +486,7 @@ class GGUFBackend(Backend):
     def describe(self) -> dict:
         return {**super().describe(), "engine": f"llama-cpp-python {engine_version()} (llama.cpp + mtmd)",
                 "threads": self.threads, "model": self.model_file.name, "mmproj": self.mmproj_file.name,
-                "context": self._n_ctx}
+                "context": self._n_ctx, "decode_weight_bytes": self.decode_weight_bytes}
 
     def close(self) -> None:
         llama_cpp = getattr(self, "_llama", None)

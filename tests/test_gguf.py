@@ -139,6 +139,18 @@ def test_q4_k_m_reports_fallbacks_and_bits_per_weight(exports):
     assert q8["n_fallback"] == 0 and q8["on_target"] == q8["matrices"] and "warning" not in q8
 
 
+def test_decode_weight_bytes_leave_out_the_embedding_table(exports):
+    """The bench's memory roofline: a decode step reads every text weight but only one row of the embedding."""
+    from pocketvlm.runtime.gguf import artifact_files, decode_weight_bytes, read_gguf
+
+    for quant in ("f16", "q4_k_m"):
+        model_file, _ = artifact_files(exports[quant], load_json(exports[quant] / "pocketvlm.json"))
+        info = read_gguf(model_file)
+        embedding = info.tensor("token_embd.weight")
+        assert info.tensor("output.weight") is not None and embedding.nbytes > 0
+        assert decode_weight_bytes(info) == info.tensor_bytes - embedding.nbytes
+
+
 # ------------------------------------------------------------------------------------------------ prompt
 
 @pytest.mark.parametrize("kind", ["image", "two images", "video", "text"])
