@@ -129,8 +129,23 @@ def main(argv=None) -> int:
 
         image = Path(tempfile.mkdtemp()) / "probe.png"
         builtin_samples()[0].request.images[0].save(image)
-    print(json.dumps(measure(args.artifact, image, args.question, args.max_tokens, args.runs), indent=2))
+    try:
+        print(json.dumps(measure(args.artifact, image, args.question, args.max_tokens, args.runs), indent=2))
+    finally:
+        _release_engines()
     return 0
+
+
+def _release_engines() -> None:
+    """Close the engines while the interpreter is whole: llama-cpp-python's Llama.__del__ at shutdown otherwise
+    prints a traceback (its stderr redirect is already closed)."""
+    for engine in ENGINES.values():
+        cached = getattr(engine, "cached", None)
+        close = getattr(cached, "close", None)
+        if callable(close):
+            close()
+        if cached is not None:
+            del engine.cached
 
 
 if __name__ == "__main__":
