@@ -48,12 +48,19 @@ def micro_onnx(tmp_path_factory) -> Path:
     return out
 
 
+def _as_from_a_terminal():
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # under `.ci/run &` the server would never see the Ctrl-C this test sends. A terminal user's server has it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Server:
     """`pocketvlm serve-web` in a subprocess, as a user starts it; stopped with Ctrl-C (SIGINT)."""
 
     def __init__(self, artifact: Path, *args: str):
         self.proc = subprocess.Popen([sys.executable, "-m", "pocketvlm", "serve-web", str(artifact), "--port", "0",
-                                      *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                      *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_as_from_a_terminal)
         first = self.proc.stderr.readline()
         assert " at http://" in first, first + self.proc.stderr.read()
         self.banner = [first]
