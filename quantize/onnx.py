@@ -4,9 +4,10 @@ int8: dynamic quantization (onnxruntime.quantization.quantize_dynamic): every Ma
       int8 weights (per output channel) and uint8 activations quantized at run time (MatMulInteger); the token
       embedding table (Gather) is stored int8 too.
 q4:   weight-only 4-bit (MatMulNBitsQuantizer): every MatMul with a constant weight becomes MatMulNBits (blocks of 32
-      along the input dimension, symmetric, one fp32 scale per block), the token embedding table becomes
-      GatherBlockQuantized with the same blocks. Activations stay fp32 (accuracy_level 0), so an fp32 matmul with the
-      dequantized weights reproduces it: tests/test_onnx.py checks exactly that.
+      along the input dimension, symmetric, one fp32 scale per block). The token embedding table is stored 8-bit as
+      in int8 (Gather + DequantizeLinear): onnxruntime's 4-bit GatherBlockQuantized has no WebAssembly kernel in
+      onnxruntime-web, and a q4 export must run in a phone's browser. Activations stay fp32 (accuracy_level 0), so
+      an fp32 matmul with the dequantized weights reproduces it: tests/test_onnx.py checks exactly that.
 fp16: (export only) every float tensor inside the graphs in fp16, inputs/outputs kept fp32 as transformers.js feeds
       them; RMSNorm's mean-of-squares stays fp32 so large activations cannot overflow it.
 
@@ -116,6 +117,8 @@ def convert_part(src: Path, dest: Path, part: str, quant: str, work: Path, root:
     with _quiet_logs():
         if quant == "int8":
             _int8(src, tmp, part)
+        elif quant == "q4" and part == "embed_tokens":
+            _int8(src, tmp, part)  # see the module docstring: 8-bit table, runs on onnxruntime-web's WebAssembly
         elif quant == "q4":
             _q4(src, tmp, part, root)
         elif quant == "fp16":
@@ -154,13 +157,11 @@ def _int8(src: Path, tmp: Path, part: str) -> None:
 def _q4(src: Path, tmp: Path, part: str, root: Path) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    ops = ("MatMul", "Gather") if part == "embed_tokens" else ("MatMul",)
+    ops = ("MatMul",)
     config = DefaultWeightOnlyQuantConfig(block_size=Q4_BLOCK_SIZE, is_symmetric=True,
-                                          accuracy_level=Q4_ACCURACY_LEVEL, op_types_to_quantize=ops,
-                                          quant_axes=(("Gather", 1),))
+                                          accuracy_level=Q4_ACCURACY_LEVEL, op_types_to_quantize=ops)
     quantizer = MatMulNBitsQuantizer(load_proto(src, root), bits=4, block_size=Q4_BLOCK_SIZE, is_symmetric=True,
-                                     accuracy_level=Q4_ACCURACY_LEVEL, op_types_to_quantize=ops,
-                                     quant_axes=(("Gather", 1),), algo_config=config)
+                                     accuracy_level=Q4_ACCURACY_LEVEL, op_types_to_quantize=ops, algo_config=config)
     quantizer.process()
     quantizer.model.save_model_to_file(str(tmp), use_external_data_format=True)
 
@@ -219,8 +220,9 @@ def method(quant: str) -> dict:
         return {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per output channel",
                 "activations": "uint8, dynamic", "ops": ["MatMul", "Gather (embed_tokens)"]}
     if quant == "q4":
-        return {"tool": "onnxruntime.quantization.MatMulNBitsQuantizer", "op": "MatMulNBits / GatherBlockQuantized",
-                "bits": 4, "block_size": Q4_BLOCK_SIZE, "symmetric": True, "accuracy_level": Q4_ACCURACY_LEVEL}
+        return {"tool": "onnxruntime.quantization.MatMulNBitsQuantizer", "op": "MatMulNBits",
+                "bits": 4, "block_size": Q4_BLOCK_SIZE, "symmetric": True, "accuracy_level": Q4_ACCURACY_LEVEL,
+                "embedding": "uint8 per tensor (Gather + DequantizeLinear, quantize_dynamic)"}
     if quant == "fp16":
         return {"tool": "onnxruntime.transformers.float16", "io": "float32", "kept_fp32": list(FP16_KEEP_FP32)}
     return {}

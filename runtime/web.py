@@ -162,9 +162,12 @@ class WebDemo:
 
 def notes(manifest: dict) -> list[str]:
     """What a user should know before opening the page with this export."""
-    if manifest.get("quant") == "q4":
-        return ["q4 exports quantize the embedding table (GatherBlockQuantized), which onnxruntime-web runs on WebGPU "
-                "only: browsers without WebGPU need an fp32, fp16 or int8 export"]
+    op = str(((manifest.get("onnx") or {}).get("quantization") or {}).get("op", ""))
+    if manifest.get("quant") == "q4" and "GatherBlockQuantized" in op:
+        # q4 exports from before the embedding table stayed 8-bit: onnxruntime-web runs GatherBlockQuantized on
+        # WebGPU only
+        return ["this q4 export stores its embedding table as GatherBlockQuantized, which onnxruntime-web runs on "
+                "WebGPU only; re-quantize it (pocketvlm quantize ... --quant q4) to run it on WebAssembly too"]
     return []
 
 

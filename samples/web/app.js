@@ -206,9 +206,10 @@ function showStats(started, stamps) {
 function explain(error) {
     const text = String(error?.message ?? error);
     if (text.includes('GatherBlockQuantized')) {
-        // the q4 embedding table: onnxruntime-web has this kernel for WebGPU only
+        // a q4 export from an older pocketvlm, with a 4-bit embedding table: onnxruntime-web has that kernel for
+        // WebGPU only (current q4 exports keep the table 8-bit and run on WebAssembly)
         return `this q4 export needs WebGPU (the WebAssembly runtime cannot run its 4-bit embedding table); ` +
-            `serve an fp32, fp16 or int8 export here, or open the page where WebGPU is available. (${text})`;
+            `re-quantize it with a current pocketvlm, or open the page where WebGPU is available. (${text})`;
     }
     return text;
 }
