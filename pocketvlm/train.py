@@ -21,19 +21,36 @@ from .synthetic import HELDOUT_SEED, TRAIN_SEED, examples
 class Encoded:
     ids: np.ndarray     # prompt + answer + <end_of_utterance>
     n_prompt: int
-    pixels: np.ndarray  # [3, S, S] float32, one tile
+    pixels: np.ndarray  # [3, S, S] uint8: codes into pixel_levels(), a quarter of the float32 tile's memory
+    levels: np.ndarray  # [3, 256] float32, shared: what the processor makes of each 8-bit value, per channel
+
+    def pixel_values(self) -> np.ndarray:
+        """The processor's float32 tile, exactly."""
+        return np.stack([self.levels[c][self.pixels[c]] for c in range(len(self.levels))])
 
 
-def encode_examples(processor: Processor, items) -> list[Encoded]:
+def pixel_levels(processor: Processor) -> np.ndarray:
+    """[3, 256]: the processor's rescale + normalize of every 8-bit value, per channel (ascending)."""
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # a 256 x 1 picture, HWC
+    return processor._normalize(ramp)[:, :, 0]
+
+
+def encode_examples(processor: Processor, items, levels: np.ndarray | None = None) -> list[Encoded]:
     eos = next(iter(processor.eos_token_ids))
+    levels = pixel_levels(processor) if levels is None else levels
     out = []
     for ex in items:
         enc = processor.encode(Request(ex.question, images=[ex.image]))
         if enc.pixel_values.shape[1] != 1:
             raise ValueError("micro training expects one tile per image (image size == tile size)")
+        tile = enc.pixel_values[0, 0]
+        codes = np.stack([np.searchsorted(levels[c], tile[c]) for c in range(len(levels))]).astype(np.uint8)
         answer = processor.tokenizer.encode(" " + ex.answer, add_special_tokens=False).ids + [eos]
-        out.append(Encoded(np.concatenate([enc.input_ids, np.asarray(answer, dtype=np.int64)]),
-                           len(enc.input_ids), enc.pixel_values[0, 0]))
+        item = Encoded(np.concatenate([enc.input_ids, np.asarray(answer, dtype=np.int64)]), len(enc.input_ids),
+                       codes, levels)
+        if not np.array_equal(item.pixel_values(), tile):  # resized pictures are 8-bit, so this cannot happen
+            raise ValueError("a training tile is not made of 8-bit levels; cannot store it compactly")
+        out.append(item)
     return out
 
 
@@ -49,7 +66,7 @@ def _batch(items: list[Encoded], pad_id: int):
         ids[i, :n] = torch.from_numpy(e.ids)
         labels[i, e.n_prompt:n] = torch.from_numpy(e.ids[e.n_prompt:])
         mask[i, :n] = 1
-    pixels = torch.from_numpy(np.stack([e.pixels for e in items]))[:, None]
+    pixels = torch.from_numpy(np.stack([e.pixel_values() for e in items]))[:, None]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels,
             "pixel_attention_mask": torch.ones(pixels.shape[0], 1, *pixels.shape[-2:], dtype=torch.bool)}
 

@@ -50,6 +50,20 @@ def test_committed_micro_model_answers_the_heldout_split():
     assert result["per_task"]["color"] >= 0.95 and result["per_task"]["position"] >= 0.95
 
 
+def test_training_examples_keep_8_bit_pixels_that_decode_to_the_processors_exactly():
+    """Large fixed training sets fit in memory: tiles are kept as uint8 codes (a quarter of float32), and decoding
+    them gives the processor's float32 pixels bit for bit."""
+    from pocketvlm.prompt import Processor, Request
+    from pocketvlm.train import encode_examples
+
+    processor = Processor(MICRO)
+    items = examples(8, HELDOUT_SEED)
+    for item, encoded in zip(items, encode_examples(processor, items)):
+        assert encoded.pixels.dtype == np.uint8
+        expected = processor.encode(Request(item.question, images=[item.image])).pixel_values[0, 0]
+        assert np.array_equal(encoded.pixel_values(), expected)
+
+
 def test_training_is_deterministic(tmp_path):
     import torch
 
