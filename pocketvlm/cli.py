@@ -82,6 +82,17 @@ def _quantize(args) -> int:
     return 0
 
 
+def _serve_until_interrupted(server) -> int:
+    """Serve until Ctrl-C (a clean exit, status 0), closing the socket on any way out."""
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _serve(args) -> int:
     from pocketvlm.runtime import open_backend
     from pocketvlm.runtime.server import make_server
@@ -91,13 +102,7 @@ def _serve(args) -> int:
     host, port = server.server_address[:2]
     print(f"pocketvlm: serving {args.model} ({backend.name} {backend.quant}) on http://{host}:{port}/v1 "
           f"(OpenAI-compatible chat completions; Ctrl-C stops)", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+    return _serve_until_interrupted(server)
 
 
 def _serve_web(args) -> int:
@@ -113,13 +118,7 @@ def _serve_web(args) -> int:
         print(f"pocketvlm: on a phone on the same network, open {url}", file=sys.stderr, flush=True)
     for note in notes(demo.manifest):
         print(f"pocketvlm: note: {note}", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+    return _serve_until_interrupted(server)
 
 
 def _bench(args) -> int:
