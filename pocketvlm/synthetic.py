@@ -71,8 +71,8 @@ def example(rng: random.Random, task: str) -> Example:
         return Example(img, f"What color is the {shape}?", color, task)
     if task == "count":
         # Shapes sit in distinct cells of a jittered 4x4 grid: the micro model sees a 128 px picture as 4x4 image
-        # tokens, and a shape that straddles tokens has to be counted once across them, which 2 vision layers
-        # learn too slowly in a short CPU training (44% held-out with free placement).
+        # tokens, and a shape that straddles tokens has to be counted once across them, which a small vision tower
+        # learns too slowly in a short CPU training (44% held-out with free placement).
         shape, n = rng.choice(SHAPES), rng.randint(1, 4)
         color = rng.choice(list(COLORS))
         cell = SIZE // GRID
@@ -98,16 +98,28 @@ def example(rng: random.Random, task: str) -> Example:
     raise ValueError(f"unknown task {task!r}")
 
 
-def stream(seed: int):
-    """Examples without end, tasks in turn, from one seeded stream (training draws fresh ones every step)."""
+def task_cycle(weights: dict[str, int] | None = None) -> tuple[str, ...]:
+    """The order tasks come in: each task once per round (TASKS), or `weights[task]` times per round, interleaved
+    (training leans on the tasks that take longest to learn; the held-out split stays even)."""
+    if not weights:
+        return TASKS
+    unknown = set(weights) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; tasks are {', '.join(TASKS)}")
+    rounds = max(weights.values())
+    return tuple(t for r in range(rounds) for t in TASKS if weights.get(t, 0) > r)
+
+
+def stream(seed: int, cycle: tuple[str, ...] = TASKS):
+    """Examples without end, tasks in turn (`cycle`), from one seeded stream."""
     rng = random.Random(seed)
     for i in itertools.count():
-        yield example(rng, TASKS[i % len(TASKS)])
+        yield example(rng, cycle[i % len(cycle)])
 
 
-def examples(n: int, seed: int) -> list[Example]:
-    """The first n examples of stream(seed)."""
-    return list(itertools.islice(stream(seed), n))
+def examples(n: int, seed: int, cycle: tuple[str, ...] = TASKS) -> list[Example]:
+    """The first n examples of stream(seed, cycle)."""
+    return list(itertools.islice(stream(seed, cycle), n))
 
 
 def write_split(folder: Path, n: int = 200, seed: int = HELDOUT_SEED) -> Path:

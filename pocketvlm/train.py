@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .prompt import Processor, Request
-from .synthetic import HELDOUT_SEED, TRAIN_SEED, examples
+from .synthetic import HELDOUT_SEED, TRAIN_SEED, examples, task_cycle
 
 
 @dataclass
@@ -80,7 +80,7 @@ def train(model, model_dir: Path, cfg: dict, *, seed: int = 0, progress: bool = 
 
     torch.manual_seed(seed)
     processor = Processor(model_dir)
-    data = encode_examples(processor, examples(cfg["examples"], TRAIN_SEED + seed))
+    data = encode_examples(processor, examples(cfg["examples"], TRAIN_SEED + seed, task_cycle(cfg.get("task_mix"))))
     pad = processor.tokenizer.token_to_id("<|im_end|>")
     steps, batch = cfg["steps"], cfg["batch"]
     # The vision tower learns from scratch through the connector and the language model, so its gradients arrive
@@ -119,8 +119,9 @@ def train(model, model_dir: Path, cfg: dict, *, seed: int = 0, progress: bool = 
         if len(losses) % 25 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-25:]):.3f}")
     model.eval()
-    return {"examples": cfg["examples"], "steps": steps, "batch": batch, "lr": cfg["lr"], "seed": seed,
-            "final_loss": float(np.mean(losses[-50:])), "train_s": round(time.perf_counter() - start, 1)}
+    return {"examples": cfg["examples"], "task_mix": cfg.get("task_mix"), "steps": steps, "batch": batch,
+            "lr": cfg["lr"], "seed": seed, "final_loss": float(np.mean(losses[-50:])),
+            "train_s": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
 
 
 def normalize_answer(text: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 from conftest import SAMPLES, load_json, run_cli
 from PIL import Image
 
-from pocketvlm.synthetic import HELDOUT_SEED, examples, write_split
+from pocketvlm.synthetic import HELDOUT_SEED, TASKS, examples, task_cycle, write_split
 
 MICRO = SAMPLES / "micro"
 
@@ -29,6 +29,15 @@ def test_train_and_heldout_streams_do_not_overlap():
     heldout = {(e.question, e.answer, e.image.tobytes()) for e in examples(200, HELDOUT_SEED)}
     train = {(e.question, e.answer, e.image.tobytes()) for e in examples(2000, 1)}
     assert not heldout & train
+
+
+def test_training_mix_weights_tasks_and_interleaves_them():
+    cycle = task_cycle({"color": 1, "count": 2, "position": 1, "number": 3})
+    assert cycle == ("color", "count", "position", "number", "count", "number", "number")
+    assert task_cycle(None) == TASKS
+    assert [e.task for e in examples(14, 1, cycle)] == list(cycle) * 2
+    with pytest.raises(ValueError, match="unknown task"):
+        task_cycle({"colour": 2})
 
 
 # What the committed model must reach on the held-out split: the target (presets.json:
