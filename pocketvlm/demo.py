@@ -118,6 +118,7 @@ def run_demo(model: str | None = None, out: Path | None = None, formats: list[st
     rows.insert(0, {"format": "pytorch", "quant": "fp32 (reference)", "size_bytes": _size(Path(source)),
                     "accuracy": reference["accuracy"], "agreement": 1.0, "ttft_s": reference["ttft_s"],
                     "decode_tok_s": reference["decode_tok_s"], "status": "ok"})
+    notes: dict[str, str] = {}
     for (fmt, quant), (path, export_s) in artifacts.items():
         row = {"format": fmt, "quant": quant, "size_bytes": _size(path), "export_s": round(export_s, 1)}
         if (fmt, quant) not in dict(runnable):
@@ -126,7 +127,11 @@ def run_demo(model: str | None = None, out: Path | None = None, formats: list[st
             continue
         bar.set_description(f"answer {fmt} {quant}")
         try:
-            got = _answers(open_backend(path), samples, bar)
+            backend = open_backend(path)
+            got = _answers(backend, samples, bar)
+            note = backend.describe().get("note")  # e.g. MLX on Linux: timings unlike Apple Silicon's
+            if note:
+                notes.setdefault(fmt, note)
         except PocketVLMError as e:
             row["status"] = f"failed: {e}"
             rows.append(row)
@@ -139,7 +144,7 @@ def run_demo(model: str | None = None, out: Path | None = None, formats: list[st
     cloud_block = _cloud_line(cloud, samples, reference, progress) if cloud else None
     results = {"schema": "pocketvlm.demo/1", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "model": source, "questions": len(samples), "machine": f"{platform.system()} {platform.machine()}",
-               "skipped_formats": missing, "rows": rows, "cloud": cloud_block,
+               "skipped_formats": missing, "notes": notes, "rows": rows, "cloud": cloud_block,
                "manifest": read_manifest(Path(source)) if Path(source).is_dir() else None}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = render(results)
@@ -172,8 +177,8 @@ def _cloud_line(name: str, samples, reference: dict, progress: bool) -> dict:
     return block
 
 
-def _fmt(v, spec):
-    return "–" if v is None else format(v, spec)
+def _fmt(v, spec, unit=""):
+    return "–" if v is None else format(v, spec) + unit
 
 
 def render(results: dict) -> str:
@@ -183,11 +188,14 @@ def render(results: dict) -> str:
              "| format | quant | size | accuracy | agreement | TTFT | decode tok/s | status |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['format']} | {r['quant']} | {_fmt(r.get('size_bytes') and r['size_bytes'] / 1e6, '.2f')} MB"
-                     f" | {_fmt(r.get('accuracy') and 100 * r['accuracy'], '.1f')}% "
-                     f"| {_fmt(r.get('agreement') and 100 * r['agreement'], '.1f')}% "
-                     f"| {_fmt(r.get('ttft_s') and 1000 * r['ttft_s'], '.0f')} ms "
+        size, acc, agree = r.get("size_bytes"), r.get("accuracy"), r.get("agreement")
+        lines.append(f"| {r['format']} | {r['quant']} | {_fmt(size and size / 1e6, '.2f', ' MB')}"
+                     f" | {_fmt(acc if acc is None else 100 * acc, '.1f', '%')} "
+                     f"| {_fmt(agree if agree is None else 100 * agree, '.1f', '%')} "
+                     f"| {_fmt(r.get('ttft_s') and 1000 * r['ttft_s'], '.0f', ' ms')} "
                      f"| {_fmt(r.get('decode_tok_s'), '.0f')} | {r.get('status', '')} |")
+    for fmt, note in results.get("notes", {}).items():
+        lines.append(f"\n{fmt}: {note}.")
     c = results.get("cloud")
     if c:
         lines += ["", f"Edge vs cloud: {c['name']} (`{c['model']}`) costs ${c['per_1k_usd']:.4f} per 1k such "

@@ -18,6 +18,7 @@ import numpy as np
 from pocketvlm.errors import PocketVLMError
 from pocketvlm.media import Video, image_files, open_image
 from pocketvlm.prompt import Request
+from pocketvlm.train import normalize_answer
 
 
 @dataclass
@@ -90,6 +91,12 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
+def _until_eos(backend, token_ids: list[int]) -> str:
+    eos = backend.processor.eos_token_ids
+    end = next((i for i, t in enumerate(token_ids) if t in eos), len(token_ids))
+    return backend.processor.decode(token_ids[:end]).strip()
+
+
 def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, progress=None) -> dict:
     """Run every sample through both backends; per-sample and overall numbers."""
     rows = []
@@ -120,9 +127,10 @@ def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, pro
             "kld_mean": float(np.mean(klds)),
             "kld_max": float(np.max(klds)),
             "top1": float(np.mean(top1)),
-            "reference_answer": ref.answer,
-            "answer": free.answer,
-            **({"expected": sample.answer, "correct": free.answer.strip().lower() == sample.answer.strip().lower()}
+            # what a user would read: the tokens were generated past end-of-answer for a fixed-length comparison
+            "reference_answer": _until_eos(reference, ref.token_ids),
+            "answer": (answer := _until_eos(backend, free.token_ids)),
+            **({"expected": sample.answer, "correct": normalize_answer(answer) == normalize_answer(sample.answer)}
                if sample.answer is not None else {}),
         })
         if progress:
@@ -207,14 +215,20 @@ def check(artifact: Path, *, reference: str | None = None, samples_file: Path | 
 def render(report: dict) -> str:
     """A short human table of a check report."""
     s = report["summary"]
+    graded = "accuracy" in s  # the samples carry expected answers: one more column, right or wrong
     lines = [f"{report['format']} {report['quant']}  vs reference {report['reference']}  "
              f"(first-step max |Δlogit| {s['first_max_abs_dlogit']:.2e})",
-             f"{'sample':<10} {'greedy':>7} {'prefix':>7} {'KLD mean':>10} {'KLD max':>10} {'top-1':>6}"]
+             f"{'sample':<10} {'greedy':>7} {'prefix':>7} {'KLD mean':>10} {'KLD max':>10} {'top-1':>6}"
+             + ("  accuracy" if graded else "")]
     for r in report["samples"]:
+        answer = ""
+        if "correct" in r:
+            got, expected = normalize_answer(r["answer"]), normalize_answer(r["expected"])
+            answer = "  right" if r["correct"] else f"  WRONG ({got!r}, expected {expected!r})"
         lines.append(f"{r['sample'][:10]:<10} {('same' if r['greedy_match'] else 'DIFF'):>7} "
                      f"{r['matching_prefix']:>3}/{r['tokens']:<3} {r['kld_mean']:>10.2e} {r['kld_max']:>10.2e} "
-                     f"{r['top1']:>6.3f}")
-    acc = f"  accuracy {s['accuracy']:.1%}" if "accuracy" in s else ""
+                     f"{r['top1']:>6.3f}{answer}")
+    acc = f"  {s['accuracy']:.1%}" if graded else ""
     lines.append(f"{'all':<10} {('same' if s['greedy_match'] else 'DIFF'):>7} {'':>7} {s['kld_mean']:>10.2e} "
                  f"{s['kld_max']:>10.2e} {s['top1']:>6.3f}{acc}")
     lines.append("PASS" if report["pass"] else "FAIL: " + "; ".join(report["failures"]))

@@ -24,7 +24,9 @@ from .base import Backend, Step, TextStream, next_input
 
 LINUX_NOTE = ("MLX on Linux runs on its CPU backend with the reference BLAS of the mlx-cpu wheel (fp32 matmul "
               "~2 GFLOP/s on 2 cores; preloading OpenBLAS, e.g. LD_PRELOAD=/usr/lib/x86_64-linux-gnu/"
-              "libopenblas.so.0, gives ~45x more): these timings are not what Apple Silicon users see")
+              "libopenblas.so.0, gives ~45x more), and its quantized matmuls emulate half precision (10x slower "
+              "than float32 on bfloat16 activations, 35x on float16): these timings are not what Apple Silicon "
+              "users see")
 
 
 class MLXBackend(Backend):

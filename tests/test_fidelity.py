@@ -6,7 +6,7 @@ import json
 import shutil
 
 import numpy as np
-from conftest import assert_user_error, draw_image, run_cli
+from conftest import SAMPLES, assert_user_error, draw_image, load_json, run_cli
 
 from pocketvlm.prompt import Request
 from pocketvlm.quantize.fidelity import verdict
@@ -39,6 +39,25 @@ def test_check_of_the_reference_against_itself_is_exact(tiny_model, tmp_path):
     assert report["summary"]["kld_max"] == 0.0 and report["summary"]["top1"] == 1.0
     assert {r["sample"] for r in report["samples"]} == {"circle", "squares", "video", "text"}
     assert "PASS" in proc.stdout
+
+
+def test_check_grades_answers_when_the_samples_have_them(tmp_path):
+    """Samples with expected answers get an accuracy column (per sample right/WRONG, overall %)."""
+    heldout = SAMPLES / "heldout"
+    items = load_json(heldout / "questions.json")[:4]
+    samples = [{**item, "image": str(heldout / item["image"])} for item in items]
+    samples[1]["answer"] = "not-an-answer"  # one expectation no answer can meet
+    (tmp_path / "s.json").write_text(json.dumps(samples))
+    proc = run_cli("check", SAMPLES / "micro", "--samples", tmp_path / "s.json", "--max-tokens", 8,
+                   "--report", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [r["correct"] for r in report["samples"]] == [True, False, True, True]
+    assert report["summary"]["accuracy"] == 0.75
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("sample"))
+    assert header.endswith("accuracy")
+    assert proc.stdout.count("  right") == 3 and "expected 'not-an-answer'" in proc.stdout
+    assert proc.stdout.splitlines()[-2].endswith("75.0%")
 
 
 def test_check_catches_a_perturbed_model(tiny_model, tmp_path):
