@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=preset_names(), default="tiny", help="model shape (default: tiny)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and tokenizer corpus (default: 0)")
     p.add_argument("--train", action="store_true",
-                   help="train it on the synthetic image-QA set (micro preset; a few minutes on 2 cores) and "
+                   help="train it on the synthetic image-QA set (micro preset; ~8 minutes on 2 cores) and "
                         "record its held-out accuracy in the manifest")
     p.add_argument("--force", action="store_true", help="replace OUT once the new folder is complete")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
