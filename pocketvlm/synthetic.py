@@ -9,7 +9,6 @@ regenerated and compared.
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import sys
@@ -110,16 +109,10 @@ def task_cycle(weights: dict[str, int] | None = None) -> tuple[str, ...]:
     return tuple(t for r in range(rounds) for t in TASKS if weights.get(t, 0) > r)
 
 
-def stream(seed: int, cycle: tuple[str, ...] = TASKS):
-    """Examples without end, tasks in turn (`cycle`), from one seeded stream."""
-    rng = random.Random(seed)
-    for i in itertools.count():
-        yield example(rng, cycle[i % len(cycle)])
-
-
 def examples(n: int, seed: int, cycle: tuple[str, ...] = TASKS) -> list[Example]:
-    """The first n examples of stream(seed, cycle)."""
-    return list(itertools.islice(stream(seed, cycle), n))
+    """n examples, tasks in turn (`cycle`), from one seeded stream."""
+    rng = random.Random(seed)
+    return [example(rng, cycle[i % len(cycle)]) for i in range(n)]
 
 
 def write_split(folder: Path, n: int = 200, seed: int = HELDOUT_SEED) -> Path:

@@ -91,12 +91,6 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
-def _until_eos(backend, token_ids: list[int]) -> str:
-    eos = backend.processor.eos_token_ids
-    end = next((i for i, t in enumerate(token_ids) if t in eos), len(token_ids))
-    return backend.processor.decode(token_ids[:end]).strip()
-
-
 def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, progress=None) -> dict:
     """Run every sample through both backends; per-sample and overall numbers."""
     rows = []
@@ -128,8 +122,8 @@ def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, pro
             "kld_max": float(np.max(klds)),
             "top1": float(np.mean(top1)),
             # what a user would read: the tokens were generated past end-of-answer for a fixed-length comparison
-            "reference_answer": _until_eos(reference, ref.token_ids),
-            "answer": (answer := _until_eos(backend, free.token_ids)),
+            "reference_answer": reference.answer_text(ref.token_ids),
+            "answer": (answer := backend.answer_text(free.token_ids)),
             **({"expected": sample.answer, "correct": normalize_answer(answer) == normalize_answer(sample.answer)}
                if sample.answer is not None else {}),
         })

@@ -82,6 +82,12 @@ class Backend(ABC):
         logits, but force[i] is what gets fed back; decoding runs for exactly len(force) steps.
         """
 
+    def answer_text(self, token_ids: Sequence[int]) -> str:
+        """The answer a user reads: the text up to the first end-of-answer token."""
+        eos = self.processor.eos_token_ids
+        end = next((i for i, t in enumerate(token_ids) if t in eos), len(token_ids))
+        return self.processor.decode(list(token_ids[:end])).strip()
+
     def run(self, request: Request, max_tokens: int, *, ignore_eos: bool = False, with_logits: bool = False,
             on_step: Callable[[Step], None] | None = None) -> Result:
         """Generate to the end, streaming to on_step, and summarise."""
@@ -105,10 +111,8 @@ class Backend(ABC):
             decode_tok_s=((len(steps) - 1) / decode_s) if decode_s else None,
             total_s=end - start,
         )
-        eos = self.processor.eos_token_ids
-        answer_ids = ids[:-1] if ids and ids[-1] in eos and not ignore_eos else ids
         return Result(
-            answer=self.processor.decode(answer_ids).strip(),
+            answer=self.processor.decode(ids).strip() if ignore_eos else self.answer_text(ids),
             token_ids=ids,
             prompt_tokens=prompt_tokens,
             backend=self.name,
