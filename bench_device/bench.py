@@ -25,7 +25,7 @@ def bench_images(images_dir: Path | None, scratch: Path) -> list[Path]:
         from pocketvlm.media import image_files
 
         return image_files(images_dir)
-    from pocketvlm.quantize.fidelity import builtin_samples
+    from pocketvlm.evaluate import builtin_samples
 
     paths = []
     for sample in builtin_samples():

@@ -49,7 +49,8 @@ def engine_gguf(artifact: Path, image_path: Path, question: str, max_tokens: int
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     from pocketvlm.manifest import read_manifest
-    from pocketvlm.runtime.gguf import artifact_files, default_threads
+    from pocketvlm.formats.gguf import artifact_files
+    from pocketvlm.formats.llama_log import default_threads
 
     if not hasattr(engine_gguf, "cached"):
         model, mmproj = artifact_files(artifact, read_manifest(artifact))
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     if image is None:
         import tempfile
 
-        from pocketvlm.quantize.fidelity import builtin_samples
+        from pocketvlm.evaluate import builtin_samples
 
         image = Path(tempfile.mkdtemp()) / "probe.png"
         builtin_samples()[0].request.images[0].save(image)

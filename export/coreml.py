@@ -1,14 +1,5 @@
 """Core ML export: a SmolVLM2 checkpoint -> two ML Program packages (+ host-side embedding table, processor files,
-pocketvlm.json). The layout, shared with runtime/coreml.py:
-
-    VisionEncoder.mlpackage  pixel_values [tiles, 3, S, S] f32 (tiles: a range, 1..max tiles of one request)
-                             -> image_features [tiles, image_seq_len, hidden] f32
-    TextDecoder.mlpackage    inputs_embeds [1, q, hidden] f32, position_ids [1, q] i32,
-                             causal_mask [1, 1, q, end] f32 (0 = attend, -1e4 = masked; end = past + q)
-                             -> logits [1, 1, vocab] f32 (the last position only)
-                             states k_cache / v_cache [layers, 1, kv_heads, max_context, head_dim] f16
-                             (a stateful KV cache: ct.StateType, iOS 18 / macOS 15 and later)
-    embed_tokens.npy         [vocab, hidden] f16: the token embeddings, looked up on the host
+pocketvlm.json), in the layout declared in pocketvlm/formats/coreml.py.
 
 No public exporter covers SmolVLM (Apple's FastVLM exports only its vision encoder), so both packages are traced
 from wrapper modules around the transformers model (our code, no patches to transformers) with static rewrites of
@@ -25,31 +16,19 @@ fp16 compute; int8 / int4 compress the weights of both packages with coremltools
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from pocketvlm.artifact import copy_processor_files, note as log, source_record
 from pocketvlm.errors import PocketVLMError
-from pocketvlm.export import base_tools, copy_processor_files, source_record
-from pocketvlm.manifest import atomic_output, refuse_existing
+from pocketvlm.formats.coreml import (DECODER, DEFAULT_MAX_CONTEXT, EMBEDDINGS, TARGETS, VISION, causal_mask,
+                                      import_coremltools, quiet)
+from pocketvlm.manifest import atomic_output, check_output
 from pocketvlm.models import ModelSource
-
-QUANTS = ("fp16", "int8", "int4")
-OPTIONS = {
-    "max_context": "KV-cache length of the stateful decoder (default: the model's context, at most 4096)",
-    "deployment_target": "minimum Core ML deployment target: iOS18 (default), macOS15, or later",
-}
-DEFAULT_MAX_CONTEXT = 4096
-VISION = "VisionEncoder.mlpackage"
-DECODER = "TextDecoder.mlpackage"
-EMBEDDINGS = "embed_tokens.npy"
-MASKED = -1e4  # the causal mask's "no": finite, so fp16 softmax never sees inf - inf
-# the stateful KV cache needs ML Program states: iOS 18 / macOS 15 and later
-TARGETS = ("iOS18", "macOS15", "watchOS11", "tvOS18")
+from pocketvlm.quantize import coreml as qcoreml
 
 
 def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, progress: bool = True,
@@ -57,12 +36,8 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, p
     config = json.loads((source.path / "config.json").read_text())
     target = check_target(deployment_target)
     context = check_context(config, max_context)
-    if quant not in QUANTS:
-        raise PocketVLMError(f"unknown --quant {quant!r} for coreml; choose one of: {', '.join(QUANTS)}")
-    refuse_existing(out, force)  # before the slow imports
+    check_output(out, force=force)  # before the slow imports
     ct = import_coremltools()
-    from pocketvlm.quantize import coreml as qcoreml
-
     with atomic_output(out, force=force) as scratch:
         copy_processor_files(source.path, scratch)
         (scratch / "pocketvlm.json").unlink(missing_ok=True)
@@ -72,8 +47,8 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, p
             start = time.perf_counter()
             info = qcoreml.compress_folder(scratch, quant, progress=progress)
             seconds[quant] = round(time.perf_counter() - start, 2)
-        finish(scratch, quant, source=source_record(source), ct=ct, quantization=info, export_s=seconds,
-               deployment_target=target)
+        qcoreml.finish(scratch, quant, source=source_record(source), ct=ct, quantization=info,
+                       export_s=seconds, deployment_target=target)
     return out
 
 
@@ -95,41 +70,6 @@ def check_context(config: dict, max_context: int | None) -> int:
         raise PocketVLMError(f"--max-context {max_context} is longer than the model's context "
                              f"(max_position_embeddings = {limit})")
     return int(max_context)
-
-
-def import_coremltools():
-    """coremltools, without its import-time chatter on Linux ("Failed to load _MLModelProxy ..." x8, a torch
-    version note): prediction needs macOS, conversion does not."""
-    import io
-    import logging
-    import warnings
-
-    if "coremltools" in sys.modules:
-        return sys.modules["coremltools"]
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            import coremltools as ct
-            logging.getLogger("coremltools").setLevel(logging.ERROR)
-    finally:
-        root.setLevel(level)
-    return ct
-
-
-def tools(ct) -> dict:
-    import torch
-    import transformers
-
-    return {**base_tools(), "coremltools": ct.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__}
-
-
-def log(progress: bool, message: str) -> None:
-    if progress:
-        print(f"pocketvlm: {message}", file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------------------------------- the wrappers
@@ -266,12 +206,6 @@ def _vision_position_ids(embeddings, patch_attention_mask):
     return out[..., 0].round().long()  # [1, patches]
 
 
-def causal_mask(q: int, end: int) -> np.ndarray:
-    """[1, 1, q, end] float32: query i (at position end - q + i) sees keys 0 .. end - q + i."""
-    mask = np.triu(np.full((q, end), MASKED, dtype=np.float32), k=end - q + 1)
-    return mask[None, None]
-
-
 def load_hf(model_dir: Path):
     import torch
     from transformers import SmolVLMForConditionalGeneration
@@ -304,7 +238,7 @@ def convert(model_dir: Path, root: Path, *, context: int, target: str, progress:
     start = time.perf_counter()
     side = vision.image_size
     tiles = ct.RangeDim(lower_bound=1, upper_bound=max_tiles(model_dir), default=1, symbol="tiles")
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet():
         traced = torch.jit.trace(VisionEncoder(hf).eval(), (torch.randn(2, 3, side, side),), check_trace=False)
         ml = ct.convert(traced, inputs=[ct.TensorType(name="pixel_values", shape=(tiles, 3, side, side),
                                                       dtype=np.float32)],
@@ -324,7 +258,7 @@ def convert(model_dir: Path, root: Path, *, context: int, target: str, progress:
     end = ct.RangeDim(lower_bound=1, upper_bound=context, default=1, symbol="end")
     example = (torch.randn(1, 3, text.hidden_size), torch.arange(4, 7)[None], torch.from_numpy(causal_mask(3, 7)))
     cache = tuple(decoder.k_cache.shape)
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet():
         traced = torch.jit.trace(decoder, example, check_trace=False)
         decoder.reset()
         ml = ct.convert(
@@ -343,34 +277,3 @@ def convert(model_dir: Path, root: Path, *, context: int, target: str, progress:
     seconds["text_decoder"] = round(time.perf_counter() - start, 2)
     log(progress, f"converted the text decoder in {seconds['text_decoder']:.1f}s")
     return seconds
-
-
-@contextlib.contextmanager
-def _quiet():
-    """coremltools' progress bars and torch's tracer warnings, out of the user's way."""
-    import io
-    import logging
-    import warnings
-
-    quiet = logging.getLogger("coremltools")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        quiet.setLevel(level)
-
-
-def finish(folder: Path, quant: str, *, source: dict, ct, quantization: dict | None, **extra) -> dict:
-    """Shared last step of export and quantize: the spec summary of both packages, then the manifest."""
-    from pocketvlm.manifest import write_manifest
-    from pocketvlm.quantize import coreml as qcoreml
-
-    spec = {name: qcoreml.describe(folder / name) for name in (VISION, DECODER)}
-    return write_manifest(folder, format="coreml", quant=quant, source=source, tools=tools(ct),
-                          coreml={"packages": spec, "embeddings": EMBEDDINGS,
-                                  "max_context": spec[DECODER]["states"]["k_cache"]["shape"][3],
-                                  "compute_precision": "fp16"},
-                          quantization=quantization or {"weights": "fp16"}, **extra)

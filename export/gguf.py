@@ -26,18 +26,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pocketvlm.artifact import base_tools, copy_processor_files, source_record
 from pocketvlm.errors import PocketVLMError
-from pocketvlm.export import base_tools, copy_processor_files, source_record
-from pocketvlm.manifest import atomic_output, refuse_existing, write_manifest
+from pocketvlm.formats.gguf import MMPROJ_QUANTS, mmproj_name as mmproj_file, model_name as model_file
+from pocketvlm.formats.gguf_reader import check_pair, read_gguf
+from pocketvlm.manifest import atomic_output, check_output, write_manifest
 from pocketvlm.models import ModelSource
-
-QUANTS = ("f16", "q8_0", "q4_k_m")
-MMPROJ_QUANTS = ("f16", "q8_0")
-OPTIONS = {
-    "llama_cpp_dir": "a llama.cpp checkout whose convert_hf_to_gguf.py to use (default: the installed "
-                     "llama-cpp-python's sdist; also POCKETVLM_LLAMA_CPP_DIR)",
-    "mmproj_quant": "type of the vision projector file: f16 (default) or q8_0",
-}
 
 ENV_LLAMA_CPP_DIR = "POCKETVLM_LLAMA_CPP_DIR"
 DISTRIBUTION = "llama-cpp-python"
@@ -71,10 +65,10 @@ def installed_llama_cpp_version() -> str:
 
     try:
         return version(DISTRIBUTION)
-    except PackageNotFoundError:
+    except PackageNotFoundError as e:
         raise PocketVLMError(f"the gguf format needs {DISTRIBUTION}, which is not installed: "
                              f"pip install 'pocketvlm[gguf]' (or pass --llama-cpp-dir for a llama.cpp checkout)") \
-            from None
+            from e
 
 
 def converter_cache_dir(version: str) -> Path:
@@ -140,7 +134,7 @@ def fetch_converter(version: str | None = None, *, progress: bool = True) -> Pat
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         except (OSError, subprocess.SubprocessError) as e:
             raise PocketVLMError(f"could not run pip to fetch llama.cpp's converter ({e.__class__.__name__}); "
-                                 f"{fix}") from None
+                                 f"{fix}") from e
         sdists = sorted(Path(tmp).glob("*.tar.gz"))
         if proc.returncode != 0 or not sdists:
             reason = _last_line(proc.stderr + proc.stdout) or f"pip exited {proc.returncode}"
@@ -185,7 +179,7 @@ def _extract_converter(sdist: Path, dest: Path) -> None:
                 tar.extractall(dest, members=safe)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise PocketVLMError(f"{sdist.name}: unreadable source distribution ({e.__class__.__name__}); "
-                             f"run `python -m pocketvlm.export.gguf fetch-converter` again") from None
+                             f"run `python -m pocketvlm.export.gguf fetch-converter` again") from e
     if not _is_converter_dir(dest):
         raise PocketVLMError(f"{sdist.name}: the converter or its gguf-py is missing from the source distribution")
 
@@ -259,21 +253,18 @@ def _declares_smollm_pretokenizer(tokenizer_json: Path) -> bool:
 def export(source: ModelSource, out: Path, quant: str, *, force: bool, progress: bool,
            llama_cpp_dir: str | None = None, mmproj_quant: str | None = None) -> Path:
     from pocketvlm.quantize import gguf as gguf_quant
-    from pocketvlm.runtime.gguf import check_pair, read_gguf
 
-    if quant not in QUANTS:
-        raise PocketVLMError(f"unknown --quant {quant!r} for gguf; choose one of: {', '.join(QUANTS)}")
     mmproj_quant = mmproj_quant or "f16"
     if mmproj_quant not in MMPROJ_QUANTS:
         raise PocketVLMError(f"unknown --mmproj-quant {mmproj_quant!r}; choose one of: {', '.join(MMPROJ_QUANTS)}")
-    refuse_existing(out, force)  # before a possibly long converter download
+    check_output(out, force=force)  # before a possibly long converter download
     converter = resolve_converter(llama_cpp_dir, progress=progress)
 
     def say(message):
         if progress:
             print(message, file=sys.stderr, flush=True)
 
-    model_name, mmproj_name = f"model-{quant}.gguf", f"mmproj-{mmproj_quant}.gguf"
+    model_name, mmproj_name = model_file(quant), mmproj_file(mmproj_quant)
     timings = {}
     with atomic_output(out, force=force) as tmp:
         start = time.perf_counter()

@@ -10,19 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pocketvlm.artifact import source_record
 from pocketvlm.errors import PocketVLMError
-from pocketvlm.manifest import atomic_output, write_manifest
+from pocketvlm.formats.mlx import BITS, DTYPES
+from pocketvlm.manifest import atomic_output
 from pocketvlm.models import ModelSource
-
-from pocketvlm.export import base_tools, source_record
 from pocketvlm.quantize import mlx as qmlx
-
-QUANTS = ("fp16", "fp32", "bf16", "8bit", "4bit")
-OPTIONS = {
-    "group_size": "quantization group size (32, 64, 128)",
-    "keep_vision": "keep the vision tower unquantized (fp16) in 8bit/4bit exports",
-}
-DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
 
 
 def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, progress: bool = True,
@@ -32,7 +25,7 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, p
         raise PocketVLMError(f"{source.id}: tied word embeddings do not convert with mlx-vlm (it needs a separate "
                              f"lm_head); SmolVLM2 checkpoints are untied")
     quant_plan = None
-    if quant in qmlx.QUANTS:
+    if quant in BITS:
         quant_plan = qmlx.plan(config, quant, group_size, keep_vision)
     elif group_size is not None or keep_vision is not None:
         raise PocketVLMError(f"--group-size and --keep-vision apply to 8bit/4bit exports, not {quant}")
@@ -45,21 +38,5 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, p
         work.rmdir()
         (scratch / "pocketvlm.json").unlink(missing_ok=True)  # the source's own manifest, copied along
         (scratch / "README.md").unlink(missing_ok=True)  # mlx-vlm's model card names a Hub repo we did not make
-        finish(scratch, quant, quant_plan, source=source_record(source), keep_vision=keep_vision)
+        qmlx.finish(scratch, quant, quant_plan, source=source_record(source), keep_vision=keep_vision)
     return out
-
-
-def finish(folder: Path, quant: str, quant_plan, *, source: dict, keep_vision: str | None = None, **extra) -> None:
-    """Shared last steps of export and quantize: config fix, quantization check, manifest."""
-    import sys
-
-    import mlx.core as mx
-    import mlx_vlm
-
-    qmlx.fix_config(folder)
-    info = qmlx.verify_quantized(folder, quant_plan) if quant_plan else {"vision": keep_vision or DTYPES[quant]}
-    for kind, why in info.get("kept_float", {}).items():
-        print(f"pocketvlm: note: {kind}: {why}", file=sys.stderr)
-    write_manifest(folder, format="mlx", quant=quant, source=source,
-                   tools={**base_tools(), "mlx": mx.__version__, "mlx-vlm": mlx_vlm.__version__},
-                   quantization=info, **extra)

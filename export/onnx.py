@@ -1,5 +1,5 @@
 """ONNX export: a SmolVLM2 checkpoint -> the three-part layout of Hugging Face's SmolVLM ONNX repos (the one
-transformers.js loads), + processor files and pocketvlm.json. The layout itself is described in runtime/onnx.py.
+transformers.js loads), + processor files and pocketvlm.json. The layout is declared in pocketvlm/formats/onnx.py.
 
 No public exporter covers SmolVLM, so the graphs are traced here from three small wrapper modules around the
 transformers model (our code, no patches to transformers) with torch.onnx's dynamo exporter and dynamic shapes (the
@@ -33,14 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketvlm.export import copy_processor_files, source_record
+from pocketvlm.artifact import copy_processor_files, source_record
+from pocketvlm.formats.onnx import part_file
 from pocketvlm.manifest import atomic_output
 from pocketvlm.models import ModelSource
 from pocketvlm.quantize import onnx as qonnx
-from pocketvlm.runtime.onnx import part_file
 
-QUANTS = ("fp32", "fp16", "int8", "q4")
-OPTIONS: dict[str, str] = {}
 OPSET = 18
 
 

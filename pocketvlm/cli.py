@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,8 +12,29 @@ from . import __version__
 from .errors import EXIT_USER_ERROR, PocketVLMError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its refusals as the one line every other error is (the usage goes into the same line)."""
+
+    def error(self, message):
+        usage = " ".join(self.format_usage().split())
+        print(f"pocketvlm: error: {message} ({usage})", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def thread_count(text: str) -> int:
+    """--threads: a positive count no larger than a sane multiple of this machine's cores."""
+    from .threads import check_threads
+
+    try:
+        return check_threads(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from e
+    except PocketVLMError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def _make_model(args) -> int:
-    from .models import make_model
+    from .make_model import make_model
 
     out = make_model(args.out, args.preset, seed=args.seed, force=args.force, progress=not args.quiet,
                      train=args.train)
@@ -64,9 +86,10 @@ def _ask(args) -> int:
 
 
 def _export(args) -> int:
+    from pocketvlm import formats
     from pocketvlm.export import export_model
 
-    options = {k: getattr(args, k) for k in EXPORT_OPTIONS}
+    options = {name: getattr(args, name) for name in formats.all_options()}
     out = export_model(args.source, args.to, Path(args.out), quant=args.quant, force=args.force,
                        progress=not args.quiet, **options)
     print(f"wrote {out}", file=sys.stderr)
@@ -125,14 +148,6 @@ def _bench(args) -> int:
     from pocketvlm.bench_device import report
     from pocketvlm.bench_device.bench import bench
 
-    if args.targets[0] == "report":  # pocketvlm bench report RESULTS.json... --out DIR
-        if len(args.targets) < 2 or not args.out:
-            raise PocketVLMError("usage: pocketvlm bench report RESULTS.json [RESULTS.json ...] --out DIR")
-        merged = report.load([Path(p) for p in args.targets[1:]])
-        written = report.write(merged, Path(args.out), with_plots=not args.no_plots)
-        print(report.markdown(merged))
-        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
-        return 0
     results = bench(args.targets, images_dir=Path(args.images) if args.images else None, question=args.question,
                     runs=args.runs, warmup=args.warmup, max_tokens=args.max_tokens,
                     cloud=None if args.cloud == "none" else args.cloud, cloud_model=args.cloud_model,
@@ -143,6 +158,16 @@ def _bench(args) -> int:
     print(report.markdown(results))
     if args.out:
         print(f"wrote {args.out}/results.json, report.md and plots", file=sys.stderr)
+    return 0
+
+
+def _bench_report(args) -> int:
+    from pocketvlm.bench_device import report
+
+    merged = report.load([Path(p) for p in args.results])
+    written = report.write(merged, Path(args.out), with_plots=not args.no_plots)
+    print(report.markdown(merged))
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
 
 
@@ -173,31 +198,19 @@ def _check(args) -> int:
     return 0 if report["pass"] else 1
 
 
-# export options that only some formats take: name -> (argparse kwargs)
-EXPORT_OPTIONS = {
-    "llama_cpp_dir": dict(metavar="DIR", help="gguf: a llama.cpp checkout whose convert_hf_to_gguf.py to use "
-                                             "(default: the one in the installed llama-cpp-python's sdist)"),
-    "mmproj_quant": dict(choices=["f16", "q8_0"], help="gguf: vision projector type (default f16)"),
-    "max_context": dict(type=int, metavar="N", help="coreml: KV-cache length of the stateful decoder "
-                                                    "(default: the model's context, at most 4096)"),
-    "deployment_target": dict(metavar="OS", help="coreml: minimum deployment target (default iOS18; the stateful "
-                                                 "KV cache needs iOS 18 / macOS 15)"),
-    "group_size": dict(type=int, help="mlx: quantization group size, 32, 64 or 128 (default 64)"),
-    "keep_vision": dict(choices=["fp16"],
-                        help="mlx 8bit/4bit: keep the vision tower unquantized in fp16, as Hugging Face's iOS builds "
-                             "do (default: quantize it too, where the group size divides its layers)"),
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from . import formats
     from .presets import preset, preset_names
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pocketvlm",
         description="Ship SmolVLM2 onto devices: make test models, ask questions about images and videos offline.",
     )
     parser.add_argument("--version", action="version", version=f"pocketvlm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print its whole chain of causes (tracebacks) before the one-line message "
+                             "(also POCKETVLM_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
 
     presets_help = "; ".join(f"{n}: {preset(n)['summary']}" for n in preset_names())
     p = sub.add_parser(
@@ -228,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-tokens tokens (for timing random-weight models)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's choice)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the engine's choice)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: answer, token_ids, backend, quant, timings")
     p.set_defaults(func=_ask)
@@ -239,14 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "artifact folder for one engine, quantized as asked, with a pocketvlm.json manifest written "
                     "last. The folder appears only when complete.")
     p.add_argument("source", help="Hugging Face model folder or Hub id")
-    p.add_argument("--to", required=True, metavar="FORMAT", help="coreml, gguf, mlx or onnx")
-    p.add_argument("--quant", help="gguf: f16 (default), q8_0, q4_k_m; mlx: fp16 (default), fp32, bf16, 8bit, 4bit; "
-                                   "onnx: fp32 (default), fp16, int8, q4; coreml: fp16 (default), int8, int4")
+    p.add_argument("--to", required=True, metavar="FORMAT",
+                   help=", ".join(f"{f.name}: {f.title}" for f in sorted(formats.EXPORT_FORMATS.values(),
+                                                                          key=lambda f: f.name)))
+    p.add_argument("--quant", help=formats.quant_help("export"))
     p.add_argument("--out", required=True, help="output folder (refused if not empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace OUT once the new artifact is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    for name, kwargs in EXPORT_OPTIONS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
+    for option, _ in formats.all_options().values():
+        p.add_argument(option.flag, **option.argparse_kwargs())
     p.set_defaults(func=_export)
 
     p = sub.add_parser(
@@ -276,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--model-id", help="model name reported to clients (default: the backend name)")
     p.add_argument("--api-key", help="require this bearer token from clients")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the engine")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for the engine")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(
@@ -296,22 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a lower-bit copy of ARTIFACT (e.g. a GGUF f16 export to q4_k_m) with its own manifest. "
                     "Run `pocketvlm check` on the result to see what the quantization cost.")
     p.add_argument("artifact", help="an exported artifact folder")
-    p.add_argument("--quant", required=True, help="gguf: q8_0, q4_k_m; mlx: 8bit, 4bit; onnx: int8, q4; coreml: int8, int4")
+    p.add_argument("--quant", required=True, help=formats.quant_help("quantize"))
     p.add_argument("--out", required=True, help="output folder (refused if not empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace OUT once the new artifact is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_quantize)
 
-    p = sub.add_parser(
+    bench = sub.add_parser(
         "bench", help="edge latency/memory per backend and quant, against a hosted API (latency and cost)",
+        description="`pocketvlm bench [run] ARTIFACT...` measures artifacts against a hosted API; "
+                    "`pocketvlm bench report RESULTS.json... --out DIR` merges results from several devices.")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True, parser_class=Parser)
+    p = bench_sub.add_parser(
+        "run", help="measure artifacts (the default: `pocketvlm bench ARTIFACT...` means `bench run ARTIFACT...`)",
         description="Measure each ARTIFACT (any exported format/quant, or a Hugging Face folder on the reference "
                     "backend) in its own process: cold load, image encode, time to first token, prefill and decode "
                     "speed (a fixed number of tokens, end of sequence ignored), end-to-end latency, peak RSS, size "
                     "on disk, and decode as a fraction of the memory-bandwidth roofline. Then the cloud leg: the "
                     "same requests to the provider (key from its env var; without one, estimates labelled as "
-                    "such), and cost per 1k queries. `pocketvlm bench report RESULTS.json... --out DIR` merges "
-                    "results from several devices into one report.")
-    p.add_argument("targets", nargs="+", metavar="ARTIFACT", help="artifacts / model folders (or: report FILES...)")
+                    "such), and cost per 1k queries.")
+    p.add_argument("targets", nargs="+", metavar="ARTIFACT", help="artifacts / model folders")
     p.add_argument("--images", metavar="DIR", help="images to ask about (default: built-in probe images)")
     p.add_argument("--question", default="Describe this image.", help="the question (default: %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="measured runs per image (default 3)")
@@ -328,11 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-cost", type=float, help="device price in $, for the break-even volume")
     p.add_argument("--amortize-months", type=int, default=24, help="months the device cost is spread over (24)")
     p.add_argument("--device-label", help="name for this device in merged reports")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the engines")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for the engines")
     p.add_argument("--out", help="write results.json, report.md and PNG plots here")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
+
+
+    p = bench_sub.add_parser(
+        "report", help="merge results.json files from several devices into one report",
+        description="Merge bench results recorded on several devices (each `bench --out` writes results.json) "
+                    "into one report.md, results.json and plots.")
+    p.add_argument("results", nargs="+", metavar="RESULTS.json", help="results files to merge")
+    p.add_argument("--out", required=True, metavar="DIR", help="write the merged results.json, report.md, plots here")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=_bench_report)
 
     p = sub.add_parser(
         "check", help="fidelity of an artifact against the PyTorch reference",
@@ -356,14 +384,35 @@ def _terminated(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _default_subcommands(argv: list[str]) -> list[str]:
+    """`pocketvlm bench ARTIFACT...` is `pocketvlm bench run ARTIFACT...` (the form README and users have)."""
+    argv = list(argv)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == "bench":
+        rest = argv[command + 1:]
+        if rest and rest[0] not in ("run", "report", "-h", "--help"):
+            argv.insert(command + 1, "run")
+    return argv
+
+
+def debug_enabled(args=None) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("POCKETVLM_DEBUG", "").strip() not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, _terminated)
-    args = build_parser().parse_args(argv)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal cleans up like a kill
+        signal.signal(signal.SIGHUP, _terminated)
+    args = build_parser().parse_args(_default_subcommands(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except PocketVLMError as e:
+        if debug_enabled(args):
+            import traceback
+
+            traceback.print_exception(e)  # with __cause__ / __context__: where it came from, in full
         message = " ".join(str(e).split())  # always one line
         print(f"pocketvlm: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -19,9 +19,6 @@ from pathlib import Path
 from .errors import PocketVLMError
 from .manifest import read_manifest
 
-RUNS_ONLY_ON = {"coreml": "Darwin"}
-
-
 def embedded_model() -> Path:
     path = Path(str(resources.files("pocketvlm.samples") / "micro"))
     if not (path / "pocketvlm.json").is_file():
@@ -29,34 +26,27 @@ def embedded_model() -> Path:
     return path
 
 
-def heldout_samples(limit: int | None):
-    from .quantize.fidelity import load_samples
-
-    samples = load_samples(Path(str(resources.files("pocketvlm.samples") / "heldout" / "questions.json")))
-    if limit:  # keep every task represented: take the first `limit` in their round-robin order
-        samples = samples[:limit]
-    return samples
-
-
-def plan_variants(formats: list[str] | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
+def plan_variants(names: list[str] | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """(format, quant) pairs this machine can export, and why the others are missing."""
-    from pocketvlm.export import FORMATS, format_module
+    from pocketvlm import formats
 
+    for name in names or ():
+        formats.get(name, exportable=True)  # an unknown name is a one-line error
     variants, missing = [], {}
-    for fmt in sorted(FORMATS):
-        if formats and fmt not in formats:
+    for name, fmt in sorted(formats.EXPORT_FORMATS.items()):
+        if names and name not in names:
             continue
         try:
-            module = format_module(fmt)
+            fmt.stage("export")
         except PocketVLMError as e:
-            missing[fmt] = str(e)
+            missing[name] = str(e)
             continue
-        variants += [(fmt, q) for q in module.QUANTS]
+        variants += [(name, q) for q in fmt.export_quants]
     return variants, missing
 
 
 def _answers(backend, samples, progress_bar) -> dict:
-    from .train import normalize_answer
+    from .evaluate import normalize_answer
 
     rows = []
     for s in samples:
@@ -77,8 +67,11 @@ def run_demo(model: str | None = None, out: Path | None = None, formats: list[st
              questions: int | None = 40, cloud: str | None = "mistral-medium-3", progress: bool = True) -> Path:
     from tqdm import tqdm
 
+    from pocketvlm import formats as registry
     from pocketvlm.export import export_model
     from pocketvlm.runtime import open_backend
+
+    from .evaluate import heldout_samples
 
     source = model or str(embedded_model())
     samples = heldout_samples(questions)
@@ -109,7 +102,7 @@ def run_demo(model: str | None = None, out: Path | None = None, formats: list[st
         bar.update()
     bar.close()
 
-    runnable = [(k, v) for k, v in artifacts.items() if RUNS_ONLY_ON.get(k[0], platform.system()) == platform.system()]
+    runnable = [(k, v) for k, v in artifacts.items() if registry.get(k[0]).runs_here()]
     bar = tqdm(total=len(samples) * (1 + len(runnable)), desc="answer", unit="q", disable=not progress,
                file=sys.stderr)
     bar.set_description("answer reference")
@@ -122,7 +115,7 @@ def run_demo(model: str | None = None, out: Path | None = None, formats: list[st
     for (fmt, quant), (path, export_s) in artifacts.items():
         row = {"format": fmt, "quant": quant, "size_bytes": _size(path), "export_s": round(export_s, 1)}
         if (fmt, quant) not in dict(runnable):
-            row["status"] = f"exported; runs only on {RUNS_ONLY_ON[fmt]}"
+            row["status"] = f"exported; runs only on {', '.join(registry.get(fmt).runs_on)}"
             rows.append(row)
             continue
         bar.set_description(f"answer {fmt} {quant}")

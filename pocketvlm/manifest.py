@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -20,9 +22,11 @@ from .errors import ArtifactError, PocketVLMError
 
 FILENAME = "pocketvlm.json"
 SCHEMA = 1
-# Hashing a 2.2B model's 4.5 GB takes ~4 s; files this large are re-hashed only when their size, mtime or inode
-# changed since they last verified (a per-user cache, like make's and rsync's quick check).
-HASH_CACHE_MIN_BYTES = 64 << 20
+SHA256 = re.compile(r"[0-9a-f]{64}")
+PARTIAL = ".partial-"  # + 8 hex digits: the scratch folder beside OUT
+# How an artifact's files are checked on open: "full" (default) hashes every byte, so any change is caught;
+# "sizes" (POCKETVLM_VERIFY=sizes, opt-in) checks names and sizes only and does NOT notice changed bytes.
+VERIFY_ENV = "POCKETVLM_VERIFY"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -59,82 +63,154 @@ def write_manifest(root: Path, *, format: str, quant: str, source: dict, tools: 
 
 
 def read_manifest(root: Path) -> dict | None:
-    """The parsed manifest, or None if the folder has none. A manifest that cannot be read is an error."""
+    """The parsed manifest, or None if the folder has none. A manifest that cannot be read, or whose file list is
+    malformed, is a one-line error."""
     path = Path(root) / FILENAME
     if not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: unreadable manifest ({e.__class__.__name__}); re-export the artifact") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{path}: unreadable manifest ({e.__class__.__name__}); re-export the artifact") from e
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA or "files" not in manifest:
         raise ArtifactError(f"{path}: not a pocketvlm manifest of schema {SCHEMA}; re-export the artifact")
+    problem = _files_problem(manifest["files"])
+    if problem:
+        raise ArtifactError(f"{path}: malformed file list ({problem}); re-export the artifact")
+    if not isinstance(manifest.get("format"), str) or not isinstance(manifest.get("quant"), str):
+        raise ArtifactError(f"{path}: malformed manifest (format and quant must be strings); re-export the artifact")
     return manifest
 
 
-def verify(root: Path, manifest: dict, *, hashes: bool = True) -> None:
-    """Check every listed file exists with its size (and, by default, its sha256)."""
+def _files_problem(files) -> str | None:
+    """Why a manifest's `files` is unusable, or None: a non-empty list of {path, bytes, sha256}, each path relative
+    and inside the folder (no '..', no absolute path, no backslash), listed once."""
+    if not isinstance(files, list):
+        return f"'files' is {type(files).__name__}, not a list"
+    if not files:
+        return "it lists no files"
+    seen = set()
+    for i, entry in enumerate(files):
+        if not isinstance(entry, dict):
+            return f"entry {i} is {type(entry).__name__}, not an object"
+        path, size, digest = entry.get("path"), entry.get("bytes"), entry.get("sha256")
+        if not isinstance(path, str) or not path:
+            return f"entry {i} has no path"
+        parts = path.split("/")
+        if path.startswith("/") or "\\" in path or ".." in parts or "" in parts or "." in parts or "\0" in path:
+            return f"entry {i}: {path!r} is not a plain relative path inside the folder"
+        if path == FILENAME or path in seen:
+            return f"entry {i}: {path!r} listed twice or is the manifest itself"
+        seen.add(path)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            return f"entry {i} ({path}) has no byte count"
+        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            return f"entry {i} ({path}) has no sha256"
+    return None
+
+
+def verify(root: Path, manifest: dict, *, hashes: bool | None = None) -> None:
+    """Check the folder holds exactly the listed files, each a regular file inside the folder (no symlink out) with
+    its size and, unless POCKETVLM_VERIFY=sizes (or hashes=False), its sha256 over every byte."""
     root = Path(root)
+    if hashes is None:
+        hashes = os.environ.get(VERIFY_ENV, "full").strip().lower() != "sizes"
+    real_root = root.resolve()
+    listed = set()
     for entry in manifest["files"]:
         path = root / entry["path"]
+        listed.add(entry["path"])
+        if path.is_symlink() or not path.resolve().is_relative_to(real_root):
+            raise ArtifactError(f"{root}: {entry['path']} is a link out of the artifact folder; refusing it")
         if not path.is_file():
             raise ArtifactError(f"{root}: {entry['path']} is missing (listed in {FILENAME}); re-export the artifact")
         if path.stat().st_size != entry["bytes"]:
             raise ArtifactError(f"{root}: {entry['path']} has {path.stat().st_size} bytes, the manifest says "
                                 f"{entry['bytes']}; the artifact is corrupt or was changed")
-        if hashes and sha256_quick(path) != entry["sha256"]:
-            raise ArtifactError(f"{root}: {entry['path']} does not match its sha256 in {FILENAME}; "
-                                f"the artifact is corrupt or was changed")
+    extra = sorted(p.relative_to(root).as_posix() for p in _listed_files(root)
+                   if p.relative_to(root).as_posix() not in listed)
+    if extra:
+        raise ArtifactError(f"{root}: {extra[0]} is not listed in {FILENAME}"
+                            + (f" (nor {len(extra) - 1} more)" if len(extra) > 1 else "")
+                            + "; the artifact was changed: remove what was added, or re-export it")
+    if hashes:
+        for entry in manifest["files"]:
+            if sha256_file(root / entry["path"]) != entry["sha256"]:
+                raise ArtifactError(f"{root}: {entry['path']} does not match its sha256 in {FILENAME}; "
+                                    f"the artifact is corrupt or was changed")
 
 
-def _hash_cache_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pocketvlm" / "sha256-cache.json"
-
-
-def sha256_quick(path: Path) -> str:
-    st = path.stat()
-    if st.st_size < HASH_CACHE_MIN_BYTES:
-        return sha256_file(path)
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-    cache_file = _hash_cache_file()
+def name_max(folder: Path) -> int:
     try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
-    digest = sha256_file(path)
-    cache = {k: v for k, v in cache.items() if not k.startswith(f"{path.resolve()}|")}
-    cache[key] = digest
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _is_pocketvlm_output(folder: Path) -> bool:
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{secrets.token_hex(4)}.tmp")
-        tmp.write_text(json.dumps(dict(list(cache.items())[-1000:])))
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass  # a read-only home only costs the next run a re-hash
-    return digest
+        return read_manifest(folder) is not None
+    except ArtifactError:
+        return True  # our manifest, damaged: still a folder we wrote
 
 
-def refuse_existing(out: Path, force: bool) -> None:
+def check_output(out: Path, *, force: bool = False, protect: tuple[Path, ...] = ()) -> None:
+    """Refuse, in one line and before any work, an OUT that writing (or --force replacing) could hurt: the
+    filesystem root, the home folder, the working directory or one of its ancestors, a folder in `protect` (the
+    source being read), one of their ancestors or a folder inside them, a non-empty folder without --force, and
+    with --force anything that is not an earlier pocketvlm output or an empty folder. Also an OUT whose parent is a
+    file or whose scratch name would be too long."""
     out = Path(out)
+    target = out.resolve()
+    cwd = Path.cwd().resolve()
+    if target == Path(target.anchor) or target == Path.home().resolve():
+        what = "the filesystem root" if target == Path(target.anchor) else "your home folder"
+        raise PocketVLMError(f"--out {out} is {what}; choose a new folder for the output")
+    if cwd == target or cwd.is_relative_to(target):
+        raise PocketVLMError(f"--out {out} is the working directory{'' if cwd == target else ' or holds it'}; "
+                             f"choose a new folder for the output")
+    for source in protect:
+        source = Path(source).resolve()
+        if source == target or source.is_relative_to(target):
+            raise PocketVLMError(f"--out {out} is the source ({source}){'' if source == target else ' or holds it'}; "
+                                 f"choose another folder")
+        if target.is_relative_to(source):
+            raise PocketVLMError(f"--out {out} is inside the source {source}; writing there would change the source "
+                                 f"(and its manifest would no longer match); choose a folder outside it")
+    existing = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), Path("."))
+    if existing != out and not existing.is_dir():
+        raise PocketVLMError(f"--out {out}: {existing} is a file, not a folder")
+    if len(out.name) + len(PARTIAL) + 8 > name_max(existing if existing.is_dir() else existing.parent):
+        raise PocketVLMError(f"--out {out}: the folder name is too long ({len(out.name)} characters; at most "
+                             f"{name_max(existing) - len(PARTIAL) - 8} here)")
+    if out.is_symlink():
+        raise PocketVLMError(f"--out {out} is a symbolic link; point --out at a real folder")
     if out.exists() and not out.is_dir():
         raise PocketVLMError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise PocketVLMError(f"{out} already exists and is not empty; pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise PocketVLMError(f"{out} already exists and is not empty; pass --force to replace it")
+        if not _is_pocketvlm_output(out):
+            raise PocketVLMError(f"{out} is not a pocketvlm output (no {FILENAME}) and not empty: --force only "
+                                 f"replaces earlier pocketvlm outputs or empty folders; remove it yourself or choose "
+                                 f"another --out")
 
 
 @contextlib.contextmanager
-def atomic_output(out: Path, *, force: bool = False):
+def atomic_output(out: Path, *, force: bool = False, protect: tuple[Path, ...] = ()):
     """Yield a scratch folder beside OUT; on success (manifest written) rename it to OUT, on failure delete it.
 
-    With force, a previous OUT is replaced only once the new one is complete, so a failed run loses nothing.
+    With force, a previous OUT (an earlier pocketvlm output, see check_output) is replaced only once the new one is
+    complete, so a failed run loses nothing.
     """
     out = Path(out)
-    refuse_existing(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = out.parent / f"{out.name}.partial-{secrets.token_hex(4)}"
-    scratch.mkdir()
+    check_output(out, force=force, protect=protect)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = out.parent / f"{out.name}{PARTIAL}{secrets.token_hex(4)}"
+        scratch.mkdir()
+    except OSError as e:
+        raise PocketVLMError(f"cannot create the output folder beside {out} ({e.strerror or e})") from e
     try:
         yield scratch
         if not (scratch / FILENAME).is_file():
@@ -142,10 +218,19 @@ def atomic_output(out: Path, *, force: bool = False):
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
-        out.rename(old)
-        scratch.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        scratch.rename(out)
+    try:
+        if out.exists():
+            old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
+            out.rename(old)
+            try:
+                scratch.rename(out)
+            except OSError:
+                old.rename(out)  # put the previous output back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            scratch.rename(out)
+    except OSError as e:
+        shutil.rmtree(scratch, ignore_errors=True)
+        what = "it is in use (a mount point or busy)" if e.errno == errno.EBUSY else (e.strerror or str(e))
+        raise PocketVLMError(f"cannot move the finished output into {out}: {what}; nothing was changed") from e

@@ -79,12 +79,12 @@ def _decode(source, label) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
-    except UnidentifiedImageError:
-        raise MediaError(f"{label}: not an image (unknown format or corrupt header)") from None
-    except Image.DecompressionBombError:
-        raise MediaError(f"{label}: image is over the decompression-bomb limit; downscale it first") from None
+    except UnidentifiedImageError as e:
+        raise MediaError(f"{label}: not an image (unknown format or corrupt header)") from e
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{label}: image is over the decompression-bomb limit; downscale it first") from e
     except OSError as e:
-        raise MediaError(f"{label}: cannot open image ({e})") from None
+        raise MediaError(f"{label}: cannot open image ({e})") from e
     _check_size(label, *image.size)
     if getattr(image, "n_frames", 1) > 1:
         raise MediaError(f"{label}: animated image with {image.n_frames} frames; pass a still image, "
@@ -95,7 +95,7 @@ def _decode(source, label) -> Image.Image:
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as e:
-        raise MediaError(f"{label}: corrupt or truncated image ({e})") from None
+        raise MediaError(f"{label}: corrupt or truncated image ({e})") from e
     return image
 
 
@@ -146,7 +146,7 @@ def load_video(path, *, fps: float, max_frames: int) -> Video:
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise MediaError(f"{path}: not a video PyAV can read ({e.__class__.__name__})") from None
+        raise MediaError(f"{path}: not a video PyAV can read ({e.__class__.__name__})") from e
     with container:
         if not container.streams.video:
             raise MediaError(f"{path}: has no video stream")
@@ -175,7 +175,7 @@ def load_video(path, *, fps: float, max_frames: int) -> Video:
                     break
         except av.error.FFmpegError as e:
             if not frames:
-                raise MediaError(f"{path}: corrupt video ({e.__class__.__name__})") from None
+                raise MediaError(f"{path}: corrupt video ({e.__class__.__name__})") from e
     if not frames:
         raise MediaError(f"{path}: no decodable frames")
     return Video(frames=frames, indices=kept, fps=rate, total_frames=int(total), duration=duration)
@@ -186,4 +186,4 @@ def _count_frames(container, stream, path) -> int:
     try:
         return sum(1 for packet in container.demux(stream) if packet.size)
     except Exception as e:
-        raise MediaError(f"{path}: corrupt video ({e.__class__.__name__})") from None
+        raise MediaError(f"{path}: corrupt video ({e.__class__.__name__})") from e

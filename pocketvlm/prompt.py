@@ -80,7 +80,7 @@ class ProcessorConfig:
 
     @classmethod
     def from_dir(cls, path: Path) -> "ProcessorConfig":
-        from .models import read_json
+        from .jsonfile import read_json
 
         path = Path(path)
         what = "not a SmolVLM model folder"
@@ -115,7 +115,7 @@ class ProcessorConfig:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise SourceError(f"{path}: incomplete processor/model config ({e.__class__.__name__}: {e}); {what}") \
-                from None
+                from e
 
 
 class Processor:
@@ -129,7 +129,7 @@ class Processor:
         try:
             self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         except Exception as e:  # the tokenizers library raises plain Exception on a bad file
-            raise SourceError(f"{self.path / 'tokenizer.json'}: unreadable tokenizer ({str(e)[:120]})") from None
+            raise SourceError(f"{self.path / 'tokenizer.json'}: unreadable tokenizer ({str(e)[:120]})") from e
         self.chat_template = _find_chat_template(self.path)
         self.special_tokens = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
         self.image_token_id = self.tokenizer.token_to_id(IMAGE)
@@ -138,7 +138,7 @@ class Processor:
 
     @cached_property
     def eos_token_ids(self) -> set[int]:
-        from .models import read_json
+        from .jsonfile import read_json
 
         gen_path = self.path / "generation_config.json"
         ids = read_json(gen_path, "").get("eos_token_id") if gen_path.is_file() else None
@@ -187,8 +187,15 @@ class Processor:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _check_question(self, request: Request) -> None:
+        if not isinstance(request.question, str):
+            raise PromptError(f"the question must be text, not {type(request.question).__name__}")
         if not request.question or not request.question.strip():
             raise PromptError("the question is empty")
+        try:
+            request.question.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 on the command line
+            raise PromptError("the question is not valid UTF-8 text (it holds bytes that are not characters); "
+                              "check the terminal's encoding") from e
         reserved = [t for t in self.special_tokens | {VIDEO} if t in request.question]
         if reserved:
             raise PromptError(f"the question contains the reserved token {sorted(reserved)[0]!r}; "
@@ -228,16 +235,16 @@ class Processor:
             img = self._resize(img, *_fit_longest_edge(img.height, img.width, cfg.longest_edge))
         side = cfg.max_image_size
         if not cfg.do_image_splitting:
-            return [self._normalize(self._resize(img, side, side))], 0, 0
+            return [self.normalize(self._resize(img, side, side))], 0, 0
         img = self._resize(img, *_round_up_to_tiles(img.height, img.width, side))
         if img.height <= side and img.width <= side:
-            return [self._normalize(img)], 0, 0
+            return [self.normalize(img)], 0, 0
         rows = (img.height - side) // side + 1
         cols = (img.width - side) // side + 1
         pixels = np.asarray(img)
         tiles = [pixels[r * side:(r + 1) * side, c * side:(c + 1) * side] for r in range(rows) for c in range(cols)]
         tiles.append(np.asarray(self._resize(img, side, side)))
-        return [self._normalize(t) for t in tiles], rows, cols
+        return [self.normalize(t) for t in tiles], rows, cols
 
     def video_frame(self, frame: Image.Image) -> np.ndarray:
         """One sampled frame: longest edge to the video size, then squashed to one square tile (no splitting)."""
@@ -245,12 +252,13 @@ class Processor:
         img = to_rgb(frame)
         h, w = _fit_longest_edge(img.height, img.width, min(MAX_IMAGE_SIZE, cfg.video_longest_edge), cap=False)
         img = self._resize(img, h, w)
-        return self._normalize(self._resize(img, cfg.max_image_size, cfg.max_image_size))
+        return self.normalize(self._resize(img, cfg.max_image_size, cfg.max_image_size))
 
     def _resize(self, img: Image.Image, height: int, width: int) -> Image.Image:
         return img.resize((width, height), resample=self.config.resample)
 
-    def _normalize(self, pixels) -> np.ndarray:
+    def normalize(self, pixels) -> np.ndarray:
+        """An HWC uint8 picture (a tile) as the model's CHW float32 input: rescaled, then normalized."""
         cfg = self.config
         x = np.asarray(pixels).transpose(2, 0, 1)  # HWC uint8 -> CHW
         if cfg.do_rescale:

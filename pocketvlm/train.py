@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .prompt import Processor, Request
-from .synthetic import HELDOUT_SEED, TRAIN_SEED, examples, task_cycle
+from .synthetic import TRAIN_SEED, examples, task_cycle
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Encoded:
 def pixel_levels(processor: Processor) -> np.ndarray:
     """[3, 256]: the processor's rescale + normalize of every 8-bit value, per channel (ascending)."""
     ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # a 256 x 1 picture, HWC
-    return processor._normalize(ramp)[:, :, 0]
+    return processor.normalize(ramp)[:, :, 0]
 
 
 def encode_examples(processor: Processor, items, levels: np.ndarray | None = None) -> list[Encoded]:
@@ -122,20 +122,3 @@ def train(model, model_dir: Path, cfg: dict, *, seed: int = 0, progress: bool = 
     return {"examples": cfg["examples"], "task_mix": cfg.get("task_mix"), "steps": steps, "batch": batch,
             "lr": cfg["lr"], "seed": seed, "final_loss": float(np.mean(losses[-50:])),
             "train_s": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
-
-
-def normalize_answer(text: str) -> str:
-    return text.strip().strip(".!").strip().lower()
-
-
-def heldout_accuracy(backend, n: int = 200, progress: bool = False) -> dict:
-    """Exact-answer accuracy on the held-out split, per task and overall, through any backend."""
-    from tqdm import tqdm
-
-    per_task: dict[str, list[bool]] = {}
-    for ex in tqdm(examples(n, HELDOUT_SEED), desc="held-out", disable=not progress, leave=False):
-        answer = backend.run(Request(ex.question, images=[ex.image]), 8).answer
-        per_task.setdefault(ex.task, []).append(normalize_answer(answer) == ex.answer)
-    total = [ok for oks in per_task.values() for ok in oks]
-    return {"accuracy": sum(total) / len(total), "n": len(total),
-            "per_task": {task: sum(oks) / len(oks) for task, oks in per_task.items()}}

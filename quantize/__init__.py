@@ -2,25 +2,18 @@
 fidelity.py, which measures any artifact against the PyTorch reference.
 
 Each format module provides
-    QUANTS: tuple[str, ...]   the target quant names it accepts
     quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bool, progress: bool) -> Path
-and writes through pocketvlm.manifest.atomic_output, the manifest last.
+and writes through pocketvlm.manifest.atomic_output, the manifest last. Which quants it makes, and from which, is
+declared in the format registry (pocketvlm.formats).
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
+from pocketvlm import formats
 from pocketvlm.errors import ArtifactError, PocketVLMError
-from pocketvlm.manifest import read_manifest, verify
-
-QUANTIZERS = {
-    "coreml": ("pocketvlm.quantize.coreml", "coreml"),
-    "gguf": ("pocketvlm.quantize.gguf", "gguf"),
-    "mlx": ("pocketvlm.quantize.mlx", "mlx"),
-    "onnx": ("pocketvlm.quantize.onnx", "onnx"),
-}
+from pocketvlm.manifest import check_output, read_manifest, verify
 
 
 def quantize_artifact(artifact: Path, quant: str, out: Path, *, force: bool = False, progress: bool = True) -> Path:
@@ -28,17 +21,16 @@ def quantize_artifact(artifact: Path, quant: str, out: Path, *, force: bool = Fa
     manifest = read_manifest(artifact) if artifact.is_dir() else None
     if manifest is None:
         raise ArtifactError(f"{artifact}: not a pocketvlm artifact (no pocketvlm.json); export one first")
-    fmt = manifest["format"]
-    if fmt not in QUANTIZERS:
-        raise PocketVLMError(f"{artifact}: quantizing {fmt} artifacts is not supported; re-export with --quant")
-    module_name, extra = QUANTIZERS[fmt]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("pocketvlm"):
-            raise
-        raise PocketVLMError(f"quantizing {fmt} needs {e.name!r}: pip install 'pocketvlm[{extra}]'") from None
-    if quant not in module.QUANTS:
-        raise PocketVLMError(f"unknown --quant {quant!r} for {fmt}; choose one of: {', '.join(module.QUANTS)}")
+    name = manifest.get("format")
+    descriptor = formats.FORMATS.get(name)
+    if descriptor is None or not descriptor.quantize_quants:
+        raise PocketVLMError(f"{artifact}: quantizing {name} artifacts is not supported; re-export with --quant")
+    descriptor.check_quant(quant, quantize=True)
+    if manifest.get("quant") not in descriptor.quantize_from:
+        raise PocketVLMError(f"{artifact} is {manifest.get('quant')}; quantize from an "
+                             f"{' or '.join(descriptor.quantize_from)} {name} export (pocketvlm export SOURCE --to "
+                             f"{name} --quant {descriptor.quantize_from[0]}), or export {quant} directly")
+    module = descriptor.stage("quantize")
+    check_output(Path(out), force=force, protect=(artifact,))  # never the artifact being quantized
     verify(artifact, manifest)
     return module.quantize(artifact, manifest, Path(out), quant, force=force, progress=progress)

@@ -20,12 +20,13 @@ import shutil
 import time
 from pathlib import Path
 
+from pocketvlm.artifact import base_tools, note as log
 from pocketvlm.errors import ArtifactError, PocketVLMError
+from pocketvlm.formats.coreml import DECODER, EMBEDDINGS, FORMAT, PACKAGES, import_coremltools, quiet
+from pocketvlm.manifest import FILENAME, atomic_output, write_manifest
 
-QUANTS = ("int8", "int4")
 BLOCK_SIZE = 32
 WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller constants (norms, biases) stay fp16
-PACKAGES = ("VisionEncoder.mlpackage", "TextDecoder.mlpackage")
 COMPRESSION_OPS = ("constexpr_blockwise_shift_scale", "constexpr_lut_to_dense", "constexpr_affine_dequantize")
 
 
@@ -50,7 +51,8 @@ def config(quant: str, *, palettize: bool = False, conv_weights: tuple[str, ...]
         conv = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                            weight_threshold=WEIGHT_THRESHOLD)
         return cto.OptimizationConfig(global_config=op, op_name_configs={name: conv for name in conv_weights})
-    raise PocketVLMError(f"unknown --quant {quant!r} for coreml; choose one of: {', '.join(QUANTS)}")
+    raise PocketVLMError(f"unknown --quant {quant!r} for coreml; choose one of: "
+                         f"{', '.join(FORMAT.quantize_quants)}")
 
 
 def conv_weight_names(model) -> tuple[str, ...]:
@@ -65,10 +67,8 @@ def compress_package(src: Path, dst: Path, quant: str, *, palettize: bool = Fals
     """SRC.mlpackage (fp16) -> DST.mlpackage with compressed weights."""
     import coremltools.optimize.coreml as cto
 
-    from pocketvlm.export.coreml import _quiet, import_coremltools
-
     ct = import_coremltools()
-    with _quiet():
+    with quiet():
         model = ct.models.MLModel(str(src), skip_model_load=True)
         fn = cto.palettize_weights if palettize else cto.linear_quantize_weights
         convs = conv_weight_names(model) if quant == "int4" and not palettize else ()
@@ -78,8 +78,6 @@ def compress_package(src: Path, dst: Path, quant: str, *, palettize: bool = Fals
 
 def compress_folder(folder: Path, quant: str, *, progress: bool, palettize: bool = False) -> dict:
     """Replace both packages in FOLDER by their compressed versions; returns what the manifest records."""
-    from pocketvlm.export.coreml import log
-
     for name in PACKAGES:
         start = time.perf_counter()
         src = Path(folder) / name
@@ -98,14 +96,12 @@ def compress_folder(folder: Path, quant: str, *, progress: bool, palettize: bool
 # ------------------------------------------------------------------------------------------- spec summary
 
 def load_spec(path: Path):
-    from pocketvlm.export.coreml import _quiet, import_coremltools
-
     ct = import_coremltools()
     try:
-        with _quiet():
+        with quiet():
             return ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     except Exception as e:  # protobuf / file errors, as one line
-        raise ArtifactError(f"{path}: not a readable Core ML package ({type(e).__name__}); re-export it") from None
+        raise ArtifactError(f"{path}: not a readable Core ML package ({type(e).__name__}); re-export it") from e
 
 
 def _feature(f) -> dict:
@@ -156,17 +152,30 @@ def describe(path: Path) -> dict:
     }
 
 
+def tools(ct) -> dict:
+    import torch
+    import transformers
+
+    return {**base_tools(), "coremltools": ct.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def finish(folder: Path, quant: str, *, source: dict, ct, quantization: dict | None, **extra) -> dict:
+    """Shared last step of export and quantize: the spec summary of both packages, then the manifest."""
+    spec = {name: describe(folder / name) for name in PACKAGES}
+    return write_manifest(folder, format="coreml", quant=quant, source=source, tools=tools(ct),
+                          coreml={"packages": spec, "embeddings": EMBEDDINGS,
+                                  "max_context": spec[DECODER]["states"]["k_cache"]["shape"][3],
+                                  "compute_precision": "fp16"},
+                          quantization=quantization or {"weights": "fp16"}, **extra)
+
+
 # --------------------------------------------------------------------------------------------- quantize
 
 def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bool, progress: bool) -> Path:
     """int8 / int4 from an fp16 Core ML artifact (the packages are compressed, everything else is copied)."""
-    from pocketvlm.export import coreml as export_coreml
-    from pocketvlm.manifest import FILENAME, atomic_output
-
-    if manifest["quant"] != "fp16":
-        raise PocketVLMError(f"{artifact} is already {manifest['quant']}; quantize from an fp16 Core ML export")
     artifact = Path(artifact)
-    ct = export_coreml.import_coremltools()
+    ct = import_coremltools()
     with atomic_output(out, force=force) as scratch:
         for entry in artifact.iterdir():
             if entry.name == FILENAME or entry.name in PACKAGES:
@@ -174,12 +183,12 @@ def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bo
             (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, scratch / entry.name)
         start = time.perf_counter()
         for name in PACKAGES:
-            export_coreml.log(progress, f"compressing {name} to {quant} ...")
+            log(progress, f"compressing {name} to {quant} ...")
             compress_package(artifact / name, scratch / name, quant)
-        export_coreml.finish(scratch, quant, source=manifest["source"], ct=ct, quantization=compress_folder_info(quant),
-                             export_s={quant: round(time.perf_counter() - start, 2)},
-                             deployment_target=manifest.get("deployment_target", "iOS18"),
-                             derived_from={"path": str(artifact), "quant": manifest["quant"]})
+        finish(scratch, quant, source=manifest["source"], ct=ct, quantization=compress_folder_info(quant),
+               export_s={quant: round(time.perf_counter() - start, 2)},
+               deployment_target=manifest.get("deployment_target", "iOS18"),
+               derived_from={"path": str(artifact), "quant": manifest["quant"]})
     return out
 
 

@@ -16,10 +16,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from pocketvlm.artifact import base_tools, copy_processor_files
 from pocketvlm.errors import ArtifactError, PocketVLMError
+from pocketvlm.formats.gguf import FORMAT, artifact_files, model_name
+from pocketvlm.formats.gguf_reader import block_size, check_pair, read_gguf
+from pocketvlm.formats.llama_log import ENGINE_LOG, default_threads, engine_version
 from pocketvlm.manifest import atomic_output, write_manifest
 
-QUANTS = ("q8_0", "q4_k_m")
 FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 TARGET_TYPE = {"q8_0": "q8_0", "q4_k_m": "q4_K"}  # the block type the name promises for the bulk of the weights
 
@@ -30,8 +33,6 @@ _FALLBACK_TOTAL = re.compile(r"WARNING:\s+(\d+)\s+of\s+(\d+)\s+tensor\(s\) requi
 
 
 def engine_tools() -> dict:
-    from pocketvlm.runtime.gguf import engine_version
-
     try:
         return {"llama-cpp-python": engine_version()}
     except Exception:
@@ -40,17 +41,14 @@ def engine_tools() -> dict:
 
 def quantize_file(src: Path, dst: Path, quant: str, *, threads: int | None = None) -> dict:
     """Quantize the text model GGUF `src` into `dst`; the tensor report (see tensor_report)."""
-    from pocketvlm.runtime.gguf import ENGINE_LOG, default_threads, read_gguf
-
-    if quant not in QUANTS:
-        raise PocketVLMError(f"unknown --quant {quant!r} for gguf; choose one of: {', '.join(QUANTS)}")
+    FORMAT.check_quant(quant, quantize=True)
     info = read_gguf(src, "text model")
     if info.architecture in (None, "clip"):
         raise ArtifactError(f"{src}: not a text model GGUF (architecture {info.architecture!r})")
     try:
         import llama_cpp
-    except ModuleNotFoundError:
-        raise PocketVLMError("quantizing GGUF needs llama-cpp-python: pip install 'pocketvlm[gguf]'") from None
+    except ModuleNotFoundError as e:
+        raise PocketVLMError("quantizing GGUF needs llama-cpp-python: pip install 'pocketvlm[gguf]'") from e
     ENGINE_LOG.install()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[quant])
@@ -73,9 +71,7 @@ def tensor_report(info, quant: str, log: str = "") -> dict:
     total = _FALLBACK_TOTAL.search(log)
     if (total and int(total.group(1)) != len(fallbacks)) or not log:
         # No per-tensor lines to read: the matrices whose rows do not divide into the target's blocks.
-        from pocketvlm.runtime.gguf import GGML_TYPES
-
-        block = next(b for name, b, _ in GGML_TYPES.values() if name == target)
+        block = block_size(target)
         fallbacks = [{"tensor": t.name, "columns": t.shape[0], "wanted": target, "got": t.type_name}
                      for t in info.tensors if len(t.shape) >= 2 and t.shape[0] % block and t.type_name != target]
     matrices = [t for t in info.tensors if len(t.shape) >= 2]
@@ -118,30 +114,22 @@ def print_report(report: dict, *, progress: bool = True) -> None:
 
 def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bool, progress: bool) -> Path:
     """`pocketvlm quantize`: an f16 GGUF artifact -> a q8_0 / q4_k_m artifact with the same mmproj."""
-    from pocketvlm.export import base_tools, copy_processor_files
-    from pocketvlm.runtime.gguf import artifact_files, check_pair, read_gguf
-
     artifact = Path(artifact)
-    if manifest.get("quant") != "f16":
-        raise PocketVLMError(f"{artifact} is a {manifest.get('quant')} GGUF; quantize starts from an f16 export "
-                             f"(pocketvlm export SOURCE --to gguf --quant f16), or export {quant} directly")
-    if Path(out).resolve() == artifact.resolve():
-        raise PocketVLMError(f"--out {out} is the artifact being quantized; choose another folder")
     model, mmproj = artifact_files(artifact, manifest)
     check_pair(read_gguf(model, "text model"), read_gguf(mmproj, "mmproj"))
     roles = {k: v for k, v in (manifest.get("gguf") or {}).items() if k != "timings"}
-    model_name = f"model-{quant}.gguf"
+    name = model_name(quant)
     with atomic_output(out, force=force) as tmp:
         if progress:
             print(f"quantizing {model.name} to {quant} with llama.cpp's quantizer ...", file=sys.stderr, flush=True)
-        report = quantize_file(model, tmp / model_name, quant)
+        report = quantize_file(model, tmp / name, quant)
         shutil.copy2(mmproj, tmp / mmproj.name)
         copy_processor_files(artifact, tmp)
-        check_pair(read_gguf(tmp / model_name), read_gguf(tmp / mmproj.name))
+        check_pair(read_gguf(tmp / name), read_gguf(tmp / mmproj.name))
         tools = {**manifest.get("tools", {}), **base_tools(), **engine_tools()}
         write_manifest(
             tmp, format="gguf", quant=quant, source=manifest.get("source", {}), tools=tools,
-            gguf={**roles, "model": model_name, "mmproj": mmproj.name, "bits_per_weight": report["bits_per_weight"],
+            gguf={**roles, "model": name, "mmproj": mmproj.name, "bits_per_weight": report["bits_per_weight"],
                   "quantized_from": str(artifact.resolve())},
             quantization=report,
         )

@@ -15,12 +15,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pocketvlm.artifact import base_tools
 from pocketvlm.errors import ArtifactError, PocketVLMError
+from pocketvlm.formats.mlx import BITS, DEFAULT_GROUP_SIZE, DTYPES, GROUP_SIZES
+from pocketvlm.manifest import atomic_output, write_manifest
 
-QUANTS = ("8bit", "4bit")
-BITS = {"8bit": 8, "4bit": 4}
-GROUP_SIZES = (32, 64, 128)
-DEFAULT_GROUP_SIZE = 64
 # mlx-vlm's module paths (after its sanitize) for the parts of SmolVLM
 VISION_PREFIXES = ("vision_model.", "connector.")
 
@@ -142,13 +141,24 @@ def fix_config(folder: Path) -> None:
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def finish(folder: Path, quant: str, quant_plan, *, source: dict, keep_vision: str | None = None, **extra) -> None:
+    """Shared last steps of export and quantize: config fix, quantization check, manifest."""
+    import sys
+
+    import mlx.core as mx
+    import mlx_vlm
+
+    fix_config(folder)
+    info = verify_quantized(folder, quant_plan) if quant_plan else {"vision": keep_vision or DTYPES[quant]}
+    for kind, why in info.get("kept_float", {}).items():
+        print(f"pocketvlm: note: {kind}: {why}", file=sys.stderr)
+    write_manifest(folder, format="mlx", quant=quant, source=source,
+                   tools={**base_tools(), "mlx": mx.__version__, "mlx-vlm": mlx_vlm.__version__},
+                   quantization=info, **extra)
+
+
 def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bool, progress: bool) -> Path:
     """8bit/4bit from an unquantized MLX artifact (same converter, the artifact as its input)."""
-    from pocketvlm.export import mlx as export_mlx
-    from pocketvlm.manifest import atomic_output
-
-    if manifest["quant"] in QUANTS:
-        raise PocketVLMError(f"{artifact} is already {manifest['quant']}; quantize from an fp16/fp32/bf16 export")
     config = json.loads((Path(artifact) / "config.json").read_text())
     quant_plan = plan(config, quant, None, None)
     with atomic_output(out, force=force) as scratch:
@@ -158,6 +168,6 @@ def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bo
             shutil.move(str(f), scratch / f.name)
         work.rmdir()
         (scratch / "pocketvlm.json").unlink(missing_ok=True)  # copied from the input by the converter
-        export_mlx.finish(scratch, quant, quant_plan, source=manifest["source"],
-                          derived_from={"path": str(artifact), "quant": manifest["quant"]})
+        finish(scratch, quant, quant_plan, source=manifest["source"],
+               derived_from={"path": str(artifact), "quant": manifest["quant"]})
     return out

@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from pocketvlm.artifact import base_tools, copy_processor_files
 from pocketvlm.errors import ArtifactError, PocketVLMError
-from pocketvlm.runtime.onnx import DATA_SUFFIX, PARTS, SUBFOLDER, part_file
-
-QUANTS = ("int8", "q4")
+from pocketvlm.formats.onnx import DATA_SUFFIX, PARTS, SUBFOLDER, part_file
+from pocketvlm.manifest import atomic_output, write_manifest
 Q4_BLOCK_SIZE = 32
 Q4_ACCURACY_LEVEL = 0  # 0: fp32 activations (exact dequantized matmul); 4 would quantize activations to int8 too
 # fp16: ops kept in fp32 (with casts around them) on top of onnxruntime's default block list: RMSNorm's x**2 mean
@@ -66,7 +66,7 @@ def load_proto(path: Path, root: Path, *, weights: bool = True):
         return onnx.load(str(path), load_external_data=weights)
     except Exception as e:  # DecodeError on a corrupt graph, ValidationError/OSError on a weights file, ...
         raise ArtifactError(f"{root}: cannot read {path.relative_to(root)} ({e.__class__.__name__}: "
-                            f"{' '.join(str(e).split())[:160]}); the artifact is corrupt or incomplete") from None
+                            f"{' '.join(str(e).split())[:160]}); the artifact is corrupt or incomplete") from e
 
 
 def check_part(path: Path, root: Path) -> None:
@@ -230,8 +230,6 @@ def method(quant: str) -> dict:
 
 def finish(folder: Path, quant: str, *, source: dict, tools: dict, parts: dict | None = None, **extra) -> None:
     """Shared last steps of export and quantize: transformers.js hints, the chat template, the manifest."""
-    from pocketvlm.manifest import write_manifest
-
     folder = Path(folder)
     for part in PARTS:
         if not (folder / part_file(quant, part)).is_file():
@@ -272,20 +270,12 @@ def tools() -> dict:
     import onnx
     import onnxruntime
 
-    from pocketvlm.export import base_tools
-
     return {**base_tools(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bool, progress: bool) -> Path:
     """int8/q4 from an fp32 ONNX artifact, parts quantized one by one with onnxruntime's tools."""
-    from pocketvlm.export import copy_processor_files
-    from pocketvlm.manifest import atomic_output
-
     artifact = Path(artifact)
-    if manifest["quant"] != "fp32":
-        raise PocketVLMError(f"{artifact} is {manifest['quant']}; quantize from an fp32 ONNX export "
-                             f"(pocketvlm export SOURCE --to onnx --quant fp32)")
     with atomic_output(out, force=force) as scratch:
         copy_processor_files(artifact, scratch)
         parts = convert_artifact(artifact, scratch, quant, progress=progress)

@@ -1,30 +1,23 @@
 """Runtime: open any model or artifact as a Backend.
 
 What a path is decides the backend: a folder with a pocketvlm.json manifest is an artifact of that manifest's
-format (verified against it first); a Hugging Face SmolVLM folder or Hub id runs on the reference backend.
-Backends are imported only when used, so opening a GGUF artifact never imports torch.
+format (verified against it first); a Hugging Face SmolVLM folder or Hub id runs on the reference backend. The
+format registry (pocketvlm.formats) names each format's backend; backends are imported only when used, so opening
+a GGUF artifact never imports torch.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
+from pocketvlm import formats
 from pocketvlm.errors import ArtifactError
+from pocketvlm.threads import check_threads
 from pocketvlm.manifest import read_manifest, verify
 from pocketvlm.models import check_smolvlm_dir, resolve_source
 
-from .base import Backend, Result, Step, Timings  # noqa: F401  (the public interface)
-
-# format in pocketvlm.json -> "module:class"; each export path adds its runtime here.
-BACKENDS = {
-    "hf": "pocketvlm.runtime.reference:ReferenceBackend",
-    "coreml": "pocketvlm.runtime.coreml:CoreMLBackend",
-    "gguf": "pocketvlm.runtime.gguf:GGUFBackend",
-    "mlx": "pocketvlm.runtime.mlx:MLXBackend",
-    "onnx": "pocketvlm.runtime.onnx:ONNXBackend",
-}
+from .base import Backend, Prefilled, Result, Step, Timings  # noqa: F401  (the public interface)
 
 
 def keep_torch_out() -> None:
@@ -38,24 +31,25 @@ def keep_torch_out() -> None:
     sys.modules.setdefault("torch", None)
 
 
-def open_backend(model: str | Path, *, torch_free: bool = False, **options) -> Backend:
+def open_backend(model: str | Path, *, torch_free: bool = False, threads: int | None = None,
+                 **options) -> Backend:
     """Load MODEL (artifact folder, Hugging Face folder, or Hub id) on the backend its format needs.
 
     torch_free: for a non-reference format, keep torch out of this process (see keep_torch_out)."""
+    check_threads(threads)
     path = Path(model).expanduser()
     if path.is_dir() and (manifest := read_manifest(path)) is not None:
-        fmt = manifest.get("format")
-        if fmt not in BACKENDS:
-            raise ArtifactError(f"{path}: {fmt!r} artifacts are not supported by this pocketvlm "
-                                f"(supported: {', '.join(sorted(BACKENDS))})")
+        name = manifest.get("format")
+        if name not in formats.FORMATS:
+            raise ArtifactError(f"{path}: {name!r} artifacts are not supported by this pocketvlm "
+                                f"(supported: {', '.join(sorted(formats.FORMATS))})")
         verify(path, manifest)
-        if fmt == "hf":
+        if name == "hf":
             check_smolvlm_dir(path)
     else:
-        fmt = "hf"
+        name = "hf"
         path = resolve_source(str(model)).path
-    if torch_free and fmt != "hf":
+    fmt = formats.get(name)
+    if torch_free and name != "hf":
         keep_torch_out()
-    module_name, cls_name = BACKENDS[fmt].split(":")
-    backend_cls = getattr(importlib.import_module(module_name), cls_name)
-    return backend_cls(path, **options)
+    return fmt.backend_class()(path, threads=threads, **options)

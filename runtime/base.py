@@ -1,8 +1,11 @@
-"""The one interface every backend implements, and the summary every caller (ask, check, bench) reads.
+"""The one interface every backend implements, the one generation loop they all share, and the summary every
+caller (ask, serve, check, bench) reads.
 
-A backend answers a Request by yielding Steps, one per generated token, each stamped with the time it became
-available. `run()` turns those into a Result with the same timings for every format, so no caller special-cases a
-backend.
+A backend supplies only what its engine does differently: `prefill` (encode the request's images, run the prompt,
+return the last position's logits) and `decode` (feed one token, return the next logits). `generate` -- the loop
+below -- does everything else once for every format: greedy choice, the chosen token's probability, teacher
+forcing, stop rules (end of sequence, token budget, context window), streaming text, and timing. `run()` turns the
+steps into a Result with the same timings for every format, so no caller special-cases a backend.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
-from pocketvlm.prompt import Processor, Request
+from pocketvlm.errors import PromptError
+from pocketvlm.prompt import Encoded, Processor, Request
 
 
 @dataclass
@@ -22,6 +27,7 @@ class Step:
     token_id: int
     text: str                      # newly decoded text (may be "" while a UTF-8 character is incomplete)
     time: float                    # time.perf_counter() when the token was known
+    prob: float                    # the model's probability of this token (softmax of its logits)
     logits: np.ndarray | None = None  # float32 [vocab], only when asked for
     encode_s: float | None = None  # first step only: vision encoder time, where the engine exposes it
     prefill_s: float | None = None  # first step only: time to run the prompt through the text model
@@ -42,6 +48,7 @@ class Timings:
 class Result:
     answer: str
     token_ids: list[int]
+    token_probs: list[float]
     prompt_tokens: int
     backend: str
     quant: str
@@ -55,8 +62,20 @@ class Result:
         return d
 
 
+@dataclass
+class Prefilled:
+    """What a backend's prefill hands the loop: the prompt's last logits, the vision encoder's time (None when
+    there were no images or the engine does not separate it), and whatever the engine needs to continue (its KV
+    cache, a context handle, ...), passed back to every decode call."""
+
+    logits: Any
+    encode_s: float | None
+    state: Any = None
+
+
 class Backend(ABC):
-    """A loaded model of one format and quant. Subclasses set name, quant, processor and load_s in __init__."""
+    """A loaded model of one format and quant. Subclasses set name, quant, processor and load_s in __init__ and
+    implement prefill and decode."""
 
     name: str
     quant: str
@@ -70,10 +89,43 @@ class Backend(ABC):
         """Peak memory the engine itself accounts for, if it keeps such a figure."""
         return None
 
+    @property
+    def context_length(self) -> int:
+        """Most positions (prompt + answer) this backend can hold."""
+        return self.processor.config.context_length
+
+    context_hint = "shorten the question or use fewer/smaller images"
+
     def prompt_token_ids(self, request: Request) -> list[int]:
         return self.processor.encode(request).input_ids.tolist()
 
+    # ------------------------------------------------------------------------------------ engine steps
+
     @abstractmethod
+    def prefill(self, enc: Encoded, budget: int) -> Prefilled:
+        """Encode enc's images, run its prompt (input_ids) and return the last position's logits. `budget`: the
+        most tokens that will be decoded after it (engines that size a KV cache up front use it)."""
+
+    @abstractmethod
+    def decode(self, state: Any, token_id: int, position: int) -> Any:
+        """Feed token_id at `position` (0-based, the prompt occupying 0 .. n-1) and return the next logits."""
+
+    def pick(self, logits: Any, with_logits: bool) -> tuple[int, float, np.ndarray | None]:
+        """The greedy token of a logits handle, its probability, and the logits as float32 when asked for."""
+        x = np.asarray(logits, dtype=np.float32).reshape(-1)
+        token = int(np.argmax(x))
+        top = float(x[token])
+        prob = 1.0 / float(np.exp(x.astype(np.float64) - top).sum())  # softmax at the argmax, overflow-free
+        return token, prob, (x.copy() if with_logits else None)
+
+    def lookahead(self, state: Any, logits: Any, position: int) -> Any:
+        """Optionally start decoding the greedy token of `logits` before Python has read it (an engine that
+        computes asynchronously, like MLX, overlaps the next step with the caller's work). Returns the next
+        logits handle, or None to decode after the caller's turn as usual."""
+        return None
+
+    # --------------------------------------------------------------------------------------------- loop
+
     def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
                  with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:
         """Greedy decoding: yield one Step per generated token (the end-of-sequence token included).
@@ -81,6 +133,35 @@ class Backend(ABC):
         With `force` (teacher forcing, for fidelity checks), step i still reports the model's own choice and
         logits, but force[i] is what gets fed back; decoding runs for exactly len(force) steps.
         """
+        enc = self.processor.encode(request)
+        n_prompt = len(enc.input_ids)
+        context = self.context_length
+        if n_prompt >= context:
+            raise PromptError(f"the prompt is {n_prompt} tokens, this {self.name} {self.quant} model holds "
+                              f"{context}; {self.context_hint}")
+        steps = len(force) if force is not None else max_tokens
+        eos = self.processor.eos_token_ids
+        stream = TextStream(self.processor)
+        start = time.perf_counter()
+        pre = self.prefill(enc, steps)
+        prefilled = time.perf_counter()
+        logits, position = pre.logits, n_prompt
+        for n in range(1, steps + 1):
+            # free-running greedy decoding feeds back the argmax itself: an engine may start on it early
+            ahead = (self.lookahead(pre.state, logits, position)
+                     if force is None and not with_logits and n < steps and position < context else None)
+            token, prob, kept = self.pick(logits, with_logits)
+            first = n == 1
+            yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(), prob=prob, logits=kept,
+                       encode_s=pre.encode_s if first else None,
+                       prefill_s=(prefilled - start - (pre.encode_s or 0.0)) if first else None,
+                       prompt_tokens=n_prompt if first else None)
+            fed = next_input(token, n, position, max_tokens=max_tokens, context=context, eos=eos,
+                             ignore_eos=ignore_eos, force=force)
+            if fed is None:
+                return
+            logits = ahead if ahead is not None else self.decode(pre.state, fed, position)
+            position += 1
 
     def answer_text(self, token_ids: Sequence[int]) -> str:
         """The answer a user reads: the text up to the first end-of-answer token."""
@@ -100,8 +181,7 @@ class Backend(ABC):
         end = time.perf_counter()
         ids = [s.token_id for s in steps]
         first = steps[0] if steps else None
-        prompt_tokens = (first.prompt_tokens if first and first.prompt_tokens is not None
-                         else len(self.prompt_token_ids(request)))
+        prompt_tokens = first.prompt_tokens if first else len(self.prompt_token_ids(request))
         decode_s = steps[-1].time - first.time if len(steps) > 1 else None
         timings = Timings(
             load_s=self.load_s,
@@ -114,6 +194,7 @@ class Backend(ABC):
         return Result(
             answer=self.processor.decode(ids).strip() if ignore_eos else self.answer_text(ids),
             token_ids=ids,
+            token_probs=[s.prob for s in steps],
             prompt_tokens=prompt_tokens,
             backend=self.name,
             quant=self.quant,

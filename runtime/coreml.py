@@ -1,5 +1,5 @@
-"""Core ML backend: the two packages of a Core ML artifact (layout in export/coreml.py) on Apple's Core ML runtime,
-macOS 15 or later. Does not import torch.
+"""Core ML backend: the two packages of a Core ML artifact (layout in pocketvlm/formats/coreml.py) on Apple's Core ML
+runtime, macOS 15 or later. Does not import torch.
 
     VisionEncoder.mlpackage  the request's tiles -> image features, written over the <image> embeddings on the host
     TextDecoder.mlpackage    prefill (the whole prompt in one call), then one call per token; the KV cache is the
@@ -15,27 +15,16 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pocketvlm.errors import ArtifactError, PocketVLMError
+from pocketvlm.formats.coreml import DECODER, EMBEDDINGS, FORMAT, VISION, causal_mask
 from pocketvlm.manifest import read_manifest
-from pocketvlm.prompt import Processor, Request
+from pocketvlm.prompt import Encoded, Processor
 
-from .base import Backend, Step, TextStream, next_input
-
-VISION = "VisionEncoder.mlpackage"
-DECODER = "TextDecoder.mlpackage"
-EMBEDDINGS = "embed_tokens.npy"
-QUANTS = ("fp16", "int8", "int4")
-MASKED = -1e4  # as export/coreml.py: finite, fp16-safe
-
-
-def causal_mask(q: int, end: int) -> np.ndarray:
-    """[1, 1, q, end] float32: query i (at position end - q + i) sees keys 0 .. end - q + i."""
-    return np.triu(np.full((q, end), MASKED, dtype=np.float32), k=end - q + 1)[None, None]
+from .base import Backend, Prefilled
 
 
 def require_macos(path: Path) -> None:
@@ -60,7 +49,7 @@ class CoreMLBackend(Backend):
 
         manifest = read_manifest(self.path) or {}
         self.quant = manifest.get("quant", "unknown")
-        if self.quant not in QUANTS:
+        if self.quant not in FORMAT.export_quants:
             raise ArtifactError(f"{self.path}: unknown Core ML quant {self.quant!r} in pocketvlm.json; re-export")
         for name in (VISION, DECODER, EMBEDDINGS):
             if not (self.path / name).exists():
@@ -74,7 +63,7 @@ class CoreMLBackend(Backend):
             self.decoder = ct.models.MLModel(str(self.path / DECODER), compute_units=units)
         except Exception as e:
             reason = " ".join(str(e).split())[:200]
-            raise ArtifactError(f"{self.path}: Core ML cannot load the packages ({reason}); re-export it") from None
+            raise ArtifactError(f"{self.path}: Core ML cannot load the packages ({reason}); re-export it") from e
         self.embeddings = np.load(self.path / EMBEDDINGS, mmap_mode="r")
         self.load_s = time.perf_counter() - start
         states = {s.name: list(s.type.stateType.arrayType.shape) for s in self.decoder.get_spec().description.state}
@@ -128,17 +117,14 @@ class CoreMLBackend(Backend):
 
     # ------------------------------------------------------------------------------------------- decoding
 
-    def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
-                 with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:
-        enc = self.processor.encode(request)
-        n_prompt = len(enc.input_ids)
-        context = min(self.processor.config.context_length, self.max_context)
-        if n_prompt >= context:
-            raise PocketVLMError(f"the prompt is {n_prompt} tokens, this Core ML export holds {self.max_context} "
-                                 f"(--max-context); re-export with a longer one or use fewer/smaller images")
-        stream = TextStream(self.processor)
-        ids = enc.input_ids[None]
+    @property
+    def context_length(self) -> int:
+        return min(self.processor.config.context_length, self.max_context)
 
+    context_hint = "re-export with a longer --max-context, or use fewer/smaller images"
+
+    def prefill(self, enc: Encoded, budget: int) -> Prefilled:
+        ids = enc.input_ids[None]
         start = time.perf_counter()
         features = self.image_features(enc.pixel_values) if enc.pixel_values is not None else None
         encoded = time.perf_counter()
@@ -147,20 +133,7 @@ class CoreMLBackend(Backend):
             embeds = self.merge(ids, embeds, features)
         state = self.decoder.make_state()
         logits = self.forward(embeds, 0, state)
-        prefilled = time.perf_counter()
+        return Prefilled(logits, (encoded - start) if features is not None else None, state)
 
-        position = n_prompt
-        for n in range(1, (len(force) if force is not None else max_tokens) + 1):
-            token = int(np.argmax(logits))
-            first = n == 1
-            yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(),
-                       logits=logits.copy() if with_logits else None,
-                       encode_s=(encoded - start) if first and features is not None else None,
-                       prefill_s=(prefilled - encoded) if first else None,
-                       prompt_tokens=n_prompt if first else None)
-            fed = next_input(token, n, position, max_tokens=max_tokens, context=context,
-                             eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
-            if fed is None:
-                return
-            logits = self.forward(self.embed_tokens(np.array([[fed]])), position, state)
-            position += 1
+    def decode(self, state, token_id: int, position: int):
+        return self.forward(self.embed_tokens(np.array([[token_id]])), position, state)

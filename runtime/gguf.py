@@ -9,367 +9,49 @@ mtmd -- with mtmd's preprocessing pinned to one tile of the encoder's size, so t
 unchanged -- and decodes the prompt itself: text runs as token batches, each run of <image> tokens as the embeddings
 of its tile.
 
-Also here: a small reader of the GGUF container (header, metadata, tensor table) with no dependency, used to refuse
-truncated, foreign or mismatched files with one line before llama.cpp sees them, and to report tensor types.
-Imports neither torch nor transformers.
+The files are read (and refused with one line when truncated, foreign or mismatched) by
+pocketvlm/formats/gguf_reader.py before llama.cpp sees them; llama.cpp's log is captured by
+pocketvlm/formats/llama_log.py. Imports neither torch nor transformers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import mmap
 import os
-import struct
-import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pocketvlm.errors import ArtifactError, PocketVLMError
-from pocketvlm.prompt import Processor, Request
+from pocketvlm.formats.gguf import artifact_files
+from pocketvlm.formats.gguf_reader import GGUFInfo, check_pair, decode_weight_bytes, read_gguf, text_embedding_length
+from pocketvlm.formats.llama_log import ENGINE_LOG, default_threads, engine_version
+from pocketvlm.prompt import Encoded, Processor
 
-from .base import Backend, Step, TextStream, next_input
-
-# ------------------------------------------------------------------------------------------- GGUF reader
-
-GGUF_MAGIC = b"GGUF"
-# ggml type id -> (name as llama.cpp prints it, elements per block, bytes per block)
-GGML_TYPES = {
-    0: ("f32", 1, 4), 1: ("f16", 1, 2), 2: ("q4_0", 32, 18), 3: ("q4_1", 32, 20), 6: ("q5_0", 32, 22),
-    7: ("q5_1", 32, 24), 8: ("q8_0", 32, 34), 9: ("q8_1", 32, 36), 10: ("q2_K", 256, 84), 11: ("q3_K", 256, 110),
-    12: ("q4_K", 256, 144), 13: ("q5_K", 256, 176), 14: ("q6_K", 256, 210), 15: ("q8_K", 256, 292),
-    16: ("iq2_xxs", 256, 66), 17: ("iq2_xs", 256, 74), 18: ("iq3_xxs", 256, 98), 19: ("iq1_s", 256, 50),
-    20: ("iq4_nl", 32, 18), 21: ("iq3_s", 256, 110), 22: ("iq2_s", 256, 82), 23: ("iq4_xs", 256, 136),
-    24: ("i8", 1, 1), 25: ("i16", 1, 2), 26: ("i32", 1, 4), 27: ("i64", 1, 8), 28: ("f64", 1, 8),
-    29: ("iq1_m", 256, 56), 30: ("bf16", 1, 2), 34: ("tq1_0", 256, 54), 35: ("tq2_0", 256, 66),
-    39: ("mxfp4", 32, 17),
-}
-# metadata value type -> struct format (fixed-size scalars)
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-_MAX_ARRAY_KEPT = 64  # longer arrays (vocabularies) are skipped, their length kept
-
-
-@dataclass
-class GGUFTensor:
-    name: str
-    shape: tuple[int, ...]  # ggml order: shape[0] is the row length
-    type_id: int
-    offset: int
-
-    @property
-    def type_name(self) -> str:
-        return GGML_TYPES.get(self.type_id, (f"type{self.type_id}",))[0]
-
-    @property
-    def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-
-    @property
-    def nbytes(self) -> int | None:
-        if self.type_id not in GGML_TYPES:
-            return None
-        _, block, size = GGML_TYPES[self.type_id]
-        return self.n_elements // block * size
-
-
-@dataclass
-class GGUFInfo:
-    path: Path
-    version: int
-    metadata: dict
-    tensors: list[GGUFTensor]
-    data_offset: int
-    size: int
-    arrays: dict = field(default_factory=dict)  # key -> length, for arrays too long to keep
-
-    @property
-    def architecture(self) -> str | None:
-        return self.metadata.get("general.architecture")
-
-    def tensor(self, name: str) -> GGUFTensor | None:
-        return next((t for t in self.tensors if t.name == name), None)
-
-    @property
-    def n_elements(self) -> int:
-        return sum(t.n_elements for t in self.tensors)
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(t.nbytes or 0 for t in self.tensors)
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Tensor bytes x 8 / parameters, over every tensor (as llama.cpp's quantizer reports BPW)."""
-        return self.tensor_bytes * 8 / max(self.n_elements, 1)
-
-    def type_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for t in self.tensors:
-            counts[t.type_name] = counts.get(t.type_name, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-class _Cursor:
-    def __init__(self, buf, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def take(self, fmt: str):
-        n = struct.calcsize(fmt)
-        if self.pos + n > len(self.buf):
-            raise _Truncated
-        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
-        self.pos += n
-        return value
-
-    def string(self) -> str:
-        n = self.take("<Q")
-        if n > 1 << 24 or self.pos + n > len(self.buf):
-            raise _Truncated if self.pos + n > len(self.buf) else _Corrupt(f"a {n}-byte string")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", "replace")
-        self.pos += n
-        return s
-
-    def value(self, vtype: int):
-        if vtype in _SCALARS:
-            return self.take(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            etype, count = self.take("<I"), self.take("<Q")
-            if count > 1 << 32:
-                raise _Corrupt(f"an array of {count} items")
-            if count > _MAX_ARRAY_KEPT:
-                if etype in _SCALARS:
-                    n = struct.calcsize(_SCALARS[etype]) * count
-                    if self.pos + n > len(self.buf):
-                        raise _Truncated
-                    self.pos += n
-                else:
-                    for _ in range(count):
-                        self.value(etype)
-                return _Skipped(count)
-            return [self.value(etype) for _ in range(count)]
-        raise _Corrupt(f"unknown metadata type {vtype}")
-
-
-class _Truncated(Exception):
-    pass
-
-
-class _Corrupt(Exception):
-    pass
-
-
-@dataclass
-class _Skipped:
-    length: int
-
-
-def decode_weight_bytes(info: GGUFInfo) -> int:
-    """What one decode step reads from the text model: every tensor but the token embedding table (one row per
-    step), unless the table doubles as the output head (no output.weight)."""
-    tied = info.tensor("output.weight") is None
-    return sum(t.nbytes or 0 for t in info.tensors if tied or t.name != "token_embd.weight")
-
-
-def read_gguf(path: Path, what: str | None = None) -> GGUFInfo:
-    """Header, metadata and tensor table of a GGUF file, checked for being complete. One-line ArtifactError if the
-    file is missing, is not GGUF, or is cut short."""
-    path = Path(path)
-    label = f"{path}" + (f" ({what})" if what else "")
-    if not path.is_file():
-        raise ArtifactError(f"{label}: no such file; re-export the artifact")
-    size = path.stat().st_size
-    if size == 0:
-        raise ArtifactError(f"{label}: empty file (0 bytes); re-export the artifact")
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise ArtifactError(f"{label}: not a GGUF file (no GGUF magic); re-export the artifact")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                return _parse(buf, path, size)
-            except _Truncated:
-                raise ArtifactError(f"{label}: truncated GGUF file ({size} bytes, its header runs past the end); "
-                                    f"re-export the artifact") from None
-            except _Corrupt as e:
-                raise ArtifactError(f"{label}: corrupt GGUF file ({e}); re-export the artifact") from None
-
-
-def _parse(buf, path: Path, size: int) -> GGUFInfo:
-    cur = _Cursor(buf, path)
-    cur.pos = 4
-    version = cur.take("<I")
-    if version not in (2, 3):
-        raise _Corrupt(f"GGUF version {version}")
-    n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
-    if n_tensors > 1 << 20 or n_kv > 1 << 20:
-        raise _Corrupt(f"{n_tensors} tensors / {n_kv} metadata entries")
-    metadata, arrays = {}, {}
-    for _ in range(n_kv):
-        key = cur.string()
-        value = cur.value(cur.take("<I"))
-        if isinstance(value, _Skipped):
-            arrays[key] = value.length
-        else:
-            metadata[key] = value
-    tensors = []
-    for _ in range(n_tensors):
-        name = cur.string()
-        n_dims = cur.take("<I")
-        if n_dims > 8:
-            raise _Corrupt(f"tensor {name} with {n_dims} dimensions")
-        shape = tuple(cur.take("<Q") for _ in range(n_dims))
-        tensors.append(GGUFTensor(name, shape, cur.take("<I"), cur.take("<Q")))
-    alignment = int(metadata.get("general.alignment", 32)) or 32
-    data_offset = -(-cur.pos // alignment) * alignment
-    end = data_offset + max((t.offset + (t.nbytes or 0) for t in tensors), default=0)
-    if end > size:
-        missing = next(t for t in tensors if data_offset + t.offset + (t.nbytes or 0) > size)
-        raise ArtifactError(f"{path}: truncated GGUF file ({size} bytes, tensor {missing.name} needs bytes up to "
-                            f"{data_offset + missing.offset + (missing.nbytes or 0)}); re-export the artifact")
-    return GGUFInfo(path, version, metadata, tensors, data_offset, size, arrays)
-
-
-def text_embedding_length(model: GGUFInfo) -> int | None:
-    arch = model.architecture
-    value = model.metadata.get(f"{arch}.embedding_length")
-    if value is None and (emb := model.tensor("token_embd.weight")) is not None:
-        value = emb.shape[0]
-    return int(value) if value is not None else None
-
-
-def mmproj_projection_dim(mmproj: GGUFInfo) -> int | None:
-    """What the projector outputs: the text model's embedding width it was built for."""
-    fc = mmproj.tensor("mm.model.fc.weight")
-    if fc is not None and len(fc.shape) >= 2:
-        return int(fc.shape[1])
-    value = mmproj.metadata.get("clip.vision.projection_dim")
-    return int(value) if value is not None else None
-
-
-def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:
-    """The text model and the mmproj belong together: a llama text model, a SmolVLM (idefics3) vision projector,
-    and the projector's output width equal to the text model's embedding width."""
-    if model.architecture in (None, "clip"):
-        raise ArtifactError(f"{model.path}: not a text model GGUF (architecture {model.architecture!r}); "
-                            f"re-export the artifact")
-    if mmproj.architecture != "clip" or not mmproj.metadata.get("clip.has_vision_encoder", False):
-        raise ArtifactError(f"{mmproj.path}: not a vision mmproj GGUF (architecture {mmproj.architecture!r}); "
-                            f"re-export the artifact")
-    proj_type = mmproj.metadata.get("clip.projector_type") or mmproj.metadata.get("clip.vision.projector_type")
-    if proj_type != "idefics3":
-        raise ArtifactError(f"{mmproj.path}: projector type {proj_type!r}, not SmolVLM's 'idefics3'; "
-                            f"this mmproj is from another kind of model")
-    n_text, n_proj = text_embedding_length(model), mmproj_projection_dim(mmproj)
-    if n_text is None or n_proj is None:
-        raise ArtifactError(f"{model.path.parent}: cannot read the embedding widths of the text model / mmproj; "
-                            f"re-export the artifact")
-    if n_text != n_proj:
-        raise ArtifactError(f"{mmproj.path.name} projects images to {n_proj}-dim embeddings but "
-                            f"{model.path.name} takes {n_text}: the mmproj is from another model; "
-                            f"re-export both from the same checkpoint")
-
-
-# ------------------------------------------------------------------------------------------ llama.cpp log
-
-class _EngineLog:
-    """llama.cpp / ggml / mtmd log lines go here instead of the terminal (POCKETVLM_LLAMA_LOG=1 shows them):
-    the recent ones explain a failure in one line; captures collect a whole operation's log (the quantizer's
-    per-tensor report)."""
-
-    def __init__(self):
-        self.recent: deque[tuple[int, str]] = deque(maxlen=400)
-        self.captures: list[list[str]] = []
-        self.lock = threading.Lock()
-        self.installed = False
-        self._callback = None
-
-    def install(self) -> None:
-        if self.installed:
-            return
-        import llama_cpp
-        import llama_cpp.mtmd_cpp as mtmd
-
-        show = os.environ.get("POCKETVLM_LLAMA_LOG", "").strip() not in ("", "0")
-
-        @llama_cpp.llama_log_callback
-        def callback(level, text, user_data):
-            message = text.decode("utf-8", "replace") if text else ""
-            with self.lock:
-                self.recent.append((level, message))
-                for capture in self.captures:
-                    capture.append(message)
-            if show:
-                sys.stderr.write(message)
-
-        self._callback = callback  # keep the C function pointer alive
-        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-        for setter in ("mtmd_log_set", "mtmd_helper_log_set"):
-            if hasattr(mtmd, setter):
-                getattr(mtmd, setter)(callback, ctypes.c_void_p(0))
-        self.installed = True
-
-    def errors(self, limit: int = 1) -> str:
-        """The last error-level message(s), one line."""
-        with self.lock:
-            lines = [m.strip() for level, m in self.recent if level == 3 and m.strip()]
-        text = " ".join(lines[-limit:])
-        return " ".join(text.split())[:300]
-
-    def clear(self) -> None:
-        with self.lock:
-            self.recent.clear()
-
-    @contextlib.contextmanager
-    def capture(self):
-        """Collect every log message emitted inside the block."""
-        lines: list[str] = []
-        with self.lock:
-            self.captures.append(lines)
-        try:
-            yield lines
-        finally:
-            with self.lock:
-                self.captures.remove(lines)
-
-
-ENGINE_LOG = _EngineLog()
-
-
-def engine_version() -> str:
-    from importlib.metadata import version
-
-    return version("llama-cpp-python")
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
+from .base import Backend, Prefilled
 
 # ------------------------------------------------------------------------------------------------ backend
 
-def artifact_files(path: Path, manifest: dict | None) -> tuple[Path, Path]:
-    """The text model and mmproj files of a GGUF artifact, as its manifest names them."""
-    roles = (manifest or {}).get("gguf") or {}
-    model = roles.get("model") or next((p.name for p in sorted(path.glob("model-*.gguf"))), None)
-    mmproj = roles.get("mmproj") or next((p.name for p in sorted(path.glob("mmproj-*.gguf"))), None)
-    if model is None or not (path / model).is_file():
-        raise ArtifactError(f"{path}: the text model GGUF ({model or 'model-*.gguf'}) is missing; "
-                            f"re-export the artifact")
-    if mmproj is None or not (path / mmproj).is_file():
-        raise ArtifactError(f"{path}: the mmproj GGUF ({mmproj or 'mmproj-*.gguf'}, vision encoder + projector) is "
-                            f"missing; re-export the artifact")
-    return path / model, path / mmproj
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:
+        return False
+
+
+def use_extra_buffers() -> bool:
+    """Whether llama.cpp may put the text model's weights in its "extra" CPU buffer types (repacked layouts, and
+    Intel AMX tiles). Its AMX matmul crashed (SIGSEGV in ggml_backend_amx_mul_mat) on q8_0/q4_k_m models of the
+    tiny and micro shapes on a Xeon with AMX, while AMX itself worked there (a tile dot product gave the right
+    answer), so on AMX CPUs they are off unless POCKETVLM_LLAMA_EXTRA_BUFFERS=1; elsewhere they stay on."""
+    forced = os.environ.get("POCKETVLM_LLAMA_EXTRA_BUFFERS", "").strip()
+    if forced:
+        return forced not in ("0", "false", "no")
+    return not cpu_has_amx()
 
 
 @dataclass
@@ -408,9 +90,9 @@ class GGUFBackend(Backend):
         try:
             import llama_cpp
             import llama_cpp.mtmd_cpp as mtmd
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as e:
             raise PocketVLMError("running GGUF artifacts needs llama-cpp-python: pip install 'pocketvlm[gguf]'") \
-                from None
+                from e
 
         self._llama, self._mtmd_lib = llama_cpp, mtmd
         ENGINE_LOG.install()
@@ -418,6 +100,8 @@ class GGUFBackend(Backend):
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
+        self.extra_buffers = use_extra_buffers()
+        params.use_extra_bufts = self.extra_buffers
         ENGINE_LOG.clear()
         self._model = llama_cpp.llama_model_load_from_file(str(self.model_file).encode(), params)
         if not self._model:
@@ -425,7 +109,6 @@ class GGUFBackend(Backend):
                                 f"({ENGINE_LOG.errors() or 'no reason given'})")
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-        self.context_length = self.processor.config.context_length
         self._ensure_context(min(self.context_length, 2048))
         cparams = mtmd.mtmd_context_params_default()
         cparams.use_gpu = False
@@ -486,7 +169,8 @@ class GGUFBackend(Backend):
     def describe(self) -> dict:
         return {**super().describe(), "engine": f"llama-cpp-python {engine_version()} (llama.cpp + mtmd)",
                 "threads": self.threads, "model": self.model_file.name, "mmproj": self.mmproj_file.name,
-                "context": self._n_ctx, "decode_weight_bytes": self.decode_weight_bytes}
+                "context": self._n_ctx, "decode_weight_bytes": self.decode_weight_bytes,
+                "extra_buffers": self.extra_buffers}
 
     def close(self) -> None:
         llama_cpp = getattr(self, "_llama", None)
@@ -607,12 +291,8 @@ class GGUFBackend(Backend):
         ptr = self._llama.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
-                 with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:
-        enc = self.processor.encode(request)
+    def prefill(self, enc: Encoded, budget: int) -> Prefilled:
         ids = enc.input_ids
-        steps = len(force) if force is not None else max_tokens
-        stream = TextStream(self.processor)
         start = time.perf_counter()
         embeddings = []
         if enc.pixel_values is not None:
@@ -620,7 +300,7 @@ class GGUFBackend(Backend):
                 embeddings.append(self._encode_tile(self._tile_pixels(tile, mask)))
         encoded = time.perf_counter()
         segments = self._segments(ids, len(embeddings))
-        self._ensure_context(min(self.context_length, len(ids) + steps))
+        self._ensure_context(min(self.context_length, len(ids) + budget))
         self._llama.llama_memory_clear(self._llama.llama_get_memory(self._ctx), True)
         tiles = iter(embeddings)
         fed: list[int] = []  # what llama.cpp was given, <image> standing for each embedding
@@ -632,22 +312,11 @@ class GGUFBackend(Backend):
                 tile = next(tiles)
                 self._decode_embeddings(tile)
                 fed += [self.processor.image_token_id] * len(tile)
-        prefilled = time.perf_counter()
         memory = self._llama.llama_get_memory(self._ctx)
         self.last_prefill = Prefill(token_ids=fed, tiles=len(embeddings),
                                     n_past=self._llama.llama_memory_seq_pos_max(memory, 0) + 1)
-        position = len(ids)
-        for n in range(1, steps + 1):
-            logits = self._logits()
-            token = int(np.argmax(logits))
-            first = n == 1
-            yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(),
-                       logits=logits.astype(np.float32, copy=True) if with_logits else None,
-                       encode_s=(encoded - start) if first and embeddings else None,
-                       prefill_s=(prefilled - encoded) if first else None)
-            fed = next_input(token, n, position, max_tokens=max_tokens, context=self.context_length,
-                             eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
-            if fed is None:
-                return
-            position += 1
-            self._decode_tokens([fed])
+        return Prefilled(self._logits(), (encoded - start) if embeddings else None)
+
+    def decode(self, state, token_id: int, position: int):
+        self._decode_tokens([token_id])
+        return self._logits()

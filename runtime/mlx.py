@@ -1,26 +1,26 @@
 """MLX backend: an mlx-vlm model folder, driven token by token. Does not import torch.
 
 The model is mlx-vlm's own SmolVLM (Idefics3 layout); the prompt and pixels come from pocketvlm.prompt, so the
-tokens are the reference's by construction. The loop is ours rather than mlx-vlm's stream_generate so each step's
-logits are available and teacher forcing works (and because stream_generate's final result repeats its last
-token). On Linux, MLX runs on its CPU backend with the reference BLAS bundled in the mlx-cpu wheel: timings there
-are far from what Apple Silicon gives, and describe() says so.
+tokens are the reference's by construction. The loop is the shared one (runtime/base.py) rather than mlx-vlm's
+stream_generate, so each step's logits are available and teacher forcing works (and because stream_generate's
+final result repeats its last token); this backend keeps MLX's asynchronous look-ahead as its lookahead() step.
+On Linux, MLX runs on its CPU backend with the reference BLAS bundled in the mlx-cpu wheel: timings there are far
+from what Apple Silicon gives, and describe() says so.
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pocketvlm.errors import ArtifactError
 from pocketvlm.manifest import read_manifest
-from pocketvlm.prompt import Processor, Request
+from pocketvlm.prompt import Encoded, Processor
 
-from .base import Backend, Step, TextStream, next_input
+from .base import Backend, Prefilled
 
 LINUX_NOTE = ("MLX on Linux runs on its CPU backend with the reference BLAS of the mlx-cpu wheel (fp32 matmul "
               "~2 GFLOP/s on 2 cores; preloading OpenBLAS, e.g. LD_PRELOAD=/usr/lib/x86_64-linux-gnu/"
@@ -46,7 +46,7 @@ class MLXBackend(Backend):
         except Exception as e:  # mlx-vlm raises ValueError/RuntimeError/OSError/KeyError for broken folders
             detail = " ".join(str(e).split())[:200] or e.__class__.__name__
             raise ArtifactError(f"{self.path}: mlx-vlm cannot load this folder ({e.__class__.__name__}: {detail}); "
-                                f"re-export it") from None
+                                f"re-export it") from e
         self.load_s = time.perf_counter() - start
 
     def describe(self) -> dict:
@@ -69,17 +69,23 @@ class MLXBackend(Backend):
 
         return int(mx.get_peak_memory())
 
-    def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
-                 with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:
+    # ------------------------------------------------------------------------------------------- decoding
+    # A logits handle here is the step's logits with their greedy token and its probability, all still lazy on the
+    # device; pick() reads them, lookahead() feeds the device-side token before Python has seen it.
+
+    def _handle(self, logits):
+        import mlx.core as mx
+
+        token = mx.argmax(logits)
+        prob = mx.exp(logits[token].astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32)))
+        return logits, token, prob
+
+    def prefill(self, enc: Encoded, budget: int) -> Prefilled:
         import mlx.core as mx
         from mlx_vlm.models.cache import make_prompt_cache
 
-        enc = self.processor.encode(request)
-        context = self.processor.config.context_length
-        stream = TextStream(self.processor)
         language = self.model.language_model
         ids = mx.array(enc.input_ids)[None]
-
         start = time.perf_counter()
         if enc.pixel_values is not None:
             embeds = self.model.get_input_embeddings(
@@ -90,37 +96,29 @@ class MLXBackend(Backend):
         mx.eval(embeds)
         encoded = time.perf_counter()
         cache = make_prompt_cache(language)
-        logits = language(ids, inputs_embeds=embeds, cache=cache).logits[0, -1]
-        mx.eval(logits)
-        prefilled = time.perf_counter()
+        handle = self._handle(language(ids, inputs_embeds=embeds, cache=cache).logits[0, -1])
+        mx.eval(handle)
+        return Prefilled(handle, (encoded - start) if enc.pixel_values is not None else None, cache)
 
-        position = ids.shape[1]
-        total = len(force) if force is not None else max_tokens
-        y = mx.argmax(logits)
-        for n in range(1, total + 1):
-            # Free-running greedy decoding computes step n+1 while Python handles step n (as mlx-lm does):
-            # the next input is the argmax itself, still on the device. At the end of sequence that one extra
-            # step is wasted, which costs less than a sync per token.
-            ahead = force is None and not with_logits and n < total and position < context
-            if ahead:
-                next_logits = language(y.reshape(1, 1), cache=cache).logits[0, -1]
-                next_y = mx.argmax(next_logits)
-                mx.async_eval(next_y)
-            token = int(y.item())
-            first = n == 1
-            yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(),
-                       logits=np.array(logits.astype(mx.float32)) if with_logits else None,
-                       encode_s=(encoded - start) if first and enc.pixel_values is not None else None,
-                       prefill_s=(prefilled - encoded) if first else None,
-                       prompt_tokens=len(enc.input_ids) if first else None)
-            fed = next_input(token, n, position, max_tokens=max_tokens, context=context,
-                             eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
-            if fed is None:
-                return
-            position += 1
-            if ahead:
-                logits, y = next_logits, next_y
-            else:
-                logits = language(mx.array([[fed]]), cache=cache).logits[0, -1]
-                y = mx.argmax(logits)
-                mx.eval(y)
+    def decode(self, cache, token_id: int, position: int):
+        import mlx.core as mx
+
+        handle = self._handle(self.model.language_model(mx.array([[token_id]]), cache=cache).logits[0, -1])
+        mx.eval(handle)
+        return handle
+
+    def lookahead(self, cache, handle, position: int):
+        # Free-running greedy decoding computes step n+1 while Python handles step n (as mlx-lm does): the next
+        # input is the argmax itself, still on the device. At the end of sequence that one extra step is wasted,
+        # which costs less than a sync per token.
+        import mlx.core as mx
+
+        ahead = self._handle(self.model.language_model(handle[1].reshape(1, 1), cache=cache).logits[0, -1])
+        mx.async_eval(ahead)
+        return ahead
+
+    def pick(self, handle, with_logits: bool):
+        import mlx.core as mx
+
+        logits, token, prob = handle
+        return int(token.item()), float(prob.item()), (np.array(logits.astype(mx.float32)) if with_logits else None)

@@ -1,13 +1,5 @@
-"""ONNX backend: the three-part SmolVLM layout (the one Hugging Face's ONNX repos and transformers.js load) on
-onnxruntime. Does not import torch or transformers.
-
-    onnx/vision_encoder{sfx}.onnx        pixel_values [batch, tiles, 3, S, S] f32 + pixel_attention_mask bool
-                                         -> image_features [batch*tiles, image_seq_len, hidden]
-    onnx/embed_tokens{sfx}.onnx          input_ids [batch, seq] i64 -> inputs_embeds [batch, seq, hidden]
-    onnx/decoder_model_merged{sfx}.onnx  inputs_embeds, attention_mask [batch, past+seq], position_ids [batch, seq],
-                                         past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]
-                                         -> logits [batch, seq, vocab], present.{i}.key|value
-    (sfx: "" fp32, "_fp16", "_int8", "_q4"; every graph keeps its weights beside it in <file>.onnx_data)
+"""ONNX backend: the three-part SmolVLM layout (pocketvlm/formats/onnx.py: the one Hugging Face's ONNX repos and
+transformers.js load) on onnxruntime. Does not import torch or transformers.
 
 The prompt and pixels come from pocketvlm.prompt, so the tokens are the reference's by construction. Image
 features are written over the embeddings at the <image> positions here, on the host, as transformers.js does; the
@@ -18,32 +10,16 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pocketvlm.errors import ArtifactError
+from pocketvlm.formats.onnx import DATA_SUFFIX, PARTS, SUFFIXES, part_file, past_name
 from pocketvlm.manifest import read_manifest
-from pocketvlm.prompt import Processor, Request
+from pocketvlm.prompt import Encoded, Processor
 
-from .base import Backend, Step, TextStream, next_input
-
-# The layout, shared with export/onnx.py and quantize/onnx.py (which import it from here: this module is torch-free).
-SUBFOLDER = "onnx"
-PARTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
-SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "q4": "_q4"}
-# transformers.js names its dtypes as we name our quants; config.json["transformers.js_config"]["dtype"] says which.
-DATA_SUFFIX = "_data"  # weights of X.onnx live in X.onnx_data (the Hugging Face / transformers.js convention)
-
-
-def part_file(quant: str, part: str) -> str:
-    """Path of one part inside an artifact, relative to its root."""
-    return f"{SUBFOLDER}/{part}{SUFFIXES[quant]}.onnx"
-
-
-def past_name(output_name: str) -> str:
-    return output_name.replace("present.", "past_key_values.", 1)
+from .base import Backend, Prefilled
 
 
 class ONNXBackend(Backend):
@@ -158,13 +134,8 @@ class ONNXBackend(Backend):
 
     # ------------------------------------------------------------------------------------------- decoding
 
-    def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
-                 with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:
-        enc = self.processor.encode(request)
-        context = self.processor.config.context_length
-        stream = TextStream(self.processor)
+    def prefill(self, enc: Encoded, budget: int) -> Prefilled:
         ids = enc.input_ids[None]
-
         start = time.perf_counter()
         features = (self.image_features(enc.pixel_values, enc.pixel_attention_mask)
                     if enc.pixel_values is not None else None)
@@ -175,27 +146,13 @@ class ONNXBackend(Backend):
         n_prompt = ids.shape[1]
         logits, past = self.step(embeds, np.ones((1, n_prompt), np.int64), np.arange(n_prompt)[None],
                                  self.empty_past(1))
-        logits = logits[0, -1]
-        prefilled = time.perf_counter()
+        return Prefilled(logits[0, -1], (encoded - start) if features is not None else None, {"past": past})
 
-        position = n_prompt
-        for n in range(1, (len(force) if force is not None else max_tokens) + 1):
-            token = int(np.argmax(logits))
-            first = n == 1
-            yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(),
-                       logits=logits.astype(np.float32, copy=True) if with_logits else None,
-                       encode_s=(encoded - start) if first and features is not None else None,
-                       prefill_s=(prefilled - encoded) if first else None,
-                       prompt_tokens=n_prompt if first else None)
-            fed = next_input(token, n, position, max_tokens=max_tokens, context=context,
-                             eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
-            if fed is None:
-                return
-            step_embeds = self.embed_tokens(np.array([[fed]], np.int64))
-            position += 1
-            logits, past = self.step(step_embeds, np.ones((1, position), np.int64),
-                                     np.array([[position - 1]], np.int64), past)
-            logits = logits[0, -1]
+    def decode(self, state, token_id: int, position: int):
+        step_embeds = self.embed_tokens(np.array([[token_id]], np.int64))
+        logits, state["past"] = self.step(step_embeds, np.ones((1, position + 1), np.int64),
+                                          np.array([[position]], np.int64), state["past"])
+        return logits[0, -1]
 
 
 def _session(ort, path: Path, options, root: Path):
@@ -206,4 +163,4 @@ def _session(ort, path: Path, options, root: Path):
         reason = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", " ".join(str(e).split()))
         reason = reason if len(reason) <= 200 else reason[:200] + "..."
         raise ArtifactError(f"{root}: onnxruntime cannot load {path.relative_to(root)} ({reason}); "
-                            f"the artifact is corrupt or incomplete, re-export it") from None
+                            f"the artifact is corrupt or incomplete, re-export it") from e

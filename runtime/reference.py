@@ -1,19 +1,19 @@
 """The reference backend: transformers' SmolVLMForConditionalGeneration in fp32, greedy, on the CPU.
 
-Every fidelity check compares an exported artifact against this. It is a plain decode loop over the model's own
-forward (vision encoder -> prompt prefill -> one token at a time with the KV cache), so each stage can be timed
-and each step's logits kept; tests check it yields exactly the tokens of transformers' generate().
+Every fidelity check compares an exported artifact against this. Its steps are the model's own forward
+(vision encoder -> prompt prefill -> one token at a time with the KV cache) driven by the shared loop in base.py,
+so each stage can be timed and each step's logits kept; tests check it yields exactly the tokens and logits of
+transformers' generate().
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from pocketvlm.prompt import Processor, Request
+from pocketvlm.prompt import Encoded, Processor
 
-from .base import Backend, Step, TextStream, next_input
+from .base import Backend, Prefilled
 
 
 class ReferenceBackend(Backend):
@@ -45,13 +45,9 @@ class ReferenceBackend(Backend):
         return {**super().describe(), "engine": f"transformers {transformers.__version__}",
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "decode_weight_bytes": read}
 
-    def generate(self, request: Request, max_tokens: int, *, ignore_eos: bool = False,
-                 with_logits: bool = False, force: Sequence[int] | None = None) -> Iterator[Step]:
+    def prefill(self, enc: Encoded, budget: int) -> Prefilled:
         import torch
 
-        enc = self.processor.encode(request)
-        context = self.processor.config.context_length
-        stream = TextStream(self.processor)
         with torch.inference_mode():
             start = time.perf_counter()
             vision = None
@@ -64,22 +60,15 @@ class ReferenceBackend(Backend):
             out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              mm_encoder_outputs={"image": vision} if vision is not None else None,
                              use_cache=True, logits_to_keep=1)
-            prefilled = time.perf_counter()
-            position = input_ids.shape[1]
-            for n in range(1, (len(force) if force is not None else max_tokens) + 1):
-                logits = out.logits[0, -1]
-                token = int(torch.argmax(logits))
-                first = n == 1
-                yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(),
-                           logits=logits.float().numpy().copy() if with_logits else None,
-                           encode_s=(encoded - start) if first and vision is not None else None,
-                           prefill_s=(prefilled - encoded) if first else None,
-                           prompt_tokens=len(enc.input_ids) if first else None)
-                fed = next_input(token, n, position, max_tokens=max_tokens, context=context,
-                                 eos=self.processor.eos_token_ids, ignore_eos=ignore_eos, force=force)
-                if fed is None:
-                    return
-                position += 1
-                step_ids = torch.tensor([[fed]])
-                out = self.model(input_ids=step_ids, attention_mask=torch.ones(1, position, dtype=torch.long),
-                                 past_key_values=out.past_key_values, use_cache=True)
+        state = {"past": out.past_key_values}
+        return Prefilled(out.logits[0, -1], (encoded - start) if vision is not None else None, state)
+
+    def decode(self, state, token_id: int, position: int):
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([[token_id]]),
+                             attention_mask=torch.ones(1, position + 1, dtype=torch.long),
+                             past_key_values=state["past"], use_cache=True)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1]

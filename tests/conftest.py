@@ -52,7 +52,7 @@ def allow_network_attempt(_network_guard):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from pocketvlm.models import make_model
+    from pocketvlm.make_model import make_model
 
     return make_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0, progress=False)
 

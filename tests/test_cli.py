@@ -165,57 +165,106 @@ def test_argparse_errors_exit_2_without_traceback():
 
 @pytest.mark.parametrize("force", [False, True])
 def test_make_model_never_overwrites_without_force(tmp_path, force):
+    """A folder holding someone's files is never replaced: without --force it is "not empty", with --force it is
+    "not a pocketvlm output" (--force only replaces those, or empty folders); an earlier output is replaced."""
     out = tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     proc = run_cli("make-model", out, "--quiet", *(["--force"] if force else []))
     if force:
-        assert proc.returncode == 0, proc.stderr
-        assert not (out / "keep.txt").exists() and (out / "pocketvlm.json").is_file()
+        assert_user_error(proc, "is not a pocketvlm output", "--force only replaces")
     else:
         assert_user_error(proc, "already exists and is not empty", "--force")
-        assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "keep.txt").read_text() == "mine" and [p.name for p in out.iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no partial folder left behind
+    earlier = tmp_path / "earlier"
+    assert run_cli("make-model", earlier, "--quiet").returncode == 0
+    proc = run_cli("make-model", earlier, "--quiet", "--seed", "1", *(["--force"] if force else []))
+    if force:
+        assert proc.returncode == 0, proc.stderr
+        assert '"seed": 1' in (earlier / "pocketvlm.json").read_text()
+    else:
+        assert_user_error(proc, "already exists and is not empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "model"]
 
 
-def test_large_files_are_rehashed_once_they_change(tiny_model, tmp_path, monkeypatch):
-    """The quick-check cache may skip hashing an unchanged file, never a changed one."""
+def test_a_changed_byte_is_caught_on_every_open_even_with_the_same_size_and_mtime(tiny_model, tmp_path,
+                                                                                    monkeypatch):
+    """Every open hashes every byte (no size/mtime shortcut): a corruption that keeps size and mtime is refused
+    after a first clean verification, as before it. POCKETVLM_VERIFY=sizes, the opt-in quick mode, is named for
+    what it does not check."""
     import os
     import shutil
 
     import pocketvlm.manifest as manifest
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(manifest, "HASH_CACHE_MIN_BYTES", 0)
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model, copy)
     listed = manifest.read_manifest(copy)
     manifest.verify(copy, listed)
-    assert (tmp_path / "cache" / "pocketvlm" / "sha256-cache.json").is_file()
-    manifest.verify(copy, listed)  # from the cache
     weights = copy / "model.safetensors"
+    before = weights.stat()
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == before.st_mtime_ns and weights.stat().st_size == before.st_size
     with pytest.raises(manifest.ArtifactError, match="model.safetensors does not match"):
         manifest.verify(copy, listed)
+    assert_user_error(run_cli("ask", copy, QUESTION), "model.safetensors does not match its sha256")
+    monkeypatch.setenv("POCKETVLM_VERIFY", "sizes")
+    manifest.verify(copy, listed)  # sizes only: does not see the change, as its name says
 
 
-def test_sigterm_removes_the_half_built_folder(tmp_path):
-    """A killed make-model leaves neither OUT nor its OUT.partial-* scratch folder."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_removes_the_half_built_folder(tmp_path, signame):
+    """A killed (or hung-up) make-model leaves neither OUT nor its OUT.partial-* scratch folder."""
     import signal
     import subprocess
     import sys
     import time
 
+    signum = getattr(signal, signame)
     proc = subprocess.Popen([sys.executable, "-m", "pocketvlm", "make-model", str(tmp_path / "m"), "--preset",
                              "256m", "--quiet"], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob("m.partial-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert list(tmp_path.glob("m.partial-*")), "the scratch folder never appeared"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     proc.wait(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signum
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_prints_the_whole_chain_before_the_one_line(tmp_path, how):
+    """--debug / POCKETVLM_DEBUG=1: the cause a one-line error summarises is shown in full (here PIL's own
+    exception under the MediaError), and the last line is still the one-line message."""
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    args = ("--debug", "ask", tmp_path, QUESTION, "--image", bad) if how == "flag" else \
+        ("ask", tmp_path, QUESTION, "--image", bad)
+    proc = run_cli(*args, env={"POCKETVLM_DEBUG": "1"} if how == "env" else None)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("pocketvlm: error: ") and "not an image" in lines[-1]
+    assert "Traceback" in proc.stderr and "UnidentifiedImageError" in proc.stderr
+    assert "The above exception was the direct cause" in proc.stderr
+    quiet = run_cli("ask", tmp_path, QUESTION, "--image", bad, env={"POCKETVLM_DEBUG": "0"})
+    assert_user_error(quiet, "not an image")
+
+
+def test_bench_report_is_a_subcommand_with_its_own_help():
+    proc = run_cli("bench", "report", "--help")
+    assert proc.returncode == 0 and "RESULTS.json" in proc.stdout and "--out" in proc.stdout
+    assert "--runs" not in proc.stdout  # the run options are not report's
+    proc = run_cli("bench", "run", "--help")
+    assert proc.returncode == 0 and "--runs" in proc.stdout
+
+
+@pytest.mark.parametrize("threads", ["0", "-1", "100000", "two", "1.5"])
+def test_thread_counts_are_bounded(tiny_model, image_file, threads):
+    for command in (["ask", tiny_model, QUESTION, "--image", image_file], ["serve", tiny_model],
+                    ["bench", tiny_model]):
+        assert_user_error(run_cli(*command, "--threads", threads), "--threads")

@@ -78,7 +78,7 @@ def wrapper_generate(wrapped, processor, request, max_tokens):
     """Greedy decoding as runtime/coreml.py does it, on the torch modules that are converted."""
     import torch
 
-    from pocketvlm.export.coreml import causal_mask
+    from pocketvlm.formats.coreml import causal_mask
 
     hf, vision, decoder = wrapped
     enc = processor.encode(request)
@@ -218,7 +218,8 @@ def test_quantize_an_fp16_artifact(coreml_exports, tmp_path):
     expected = load_json(coreml_exports["int8"] / "pocketvlm.json")["coreml"]["packages"]
     for name in (VISION, DECODER):
         assert manifest["coreml"]["packages"][name]["weight_bytes"] == expected[name]["weight_bytes"]
-    assert_user_error(run_cli("quantize", out, "--quant", "int4", "--out", tmp_path / "again"), "already int8")
+    assert_user_error(run_cli("quantize", out, "--quant", "int4", "--out", tmp_path / "again"),
+                      "is int8; quantize from an fp16 coreml export")
     assert_user_error(run_cli("quantize", coreml_exports["fp16"], "--quant", "int2", "--out", tmp_path / "x"),
                       "unknown --quant 'int2' for coreml")
 
@@ -252,7 +253,7 @@ def test_unsupported_deployment_target_is_refused(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_256m_shape_exports_to_every_quant(tmp_path_factory):
-    from pocketvlm.models import make_model
+    from pocketvlm.make_model import make_model
 
     root = tmp_path_factory.mktemp("coreml256")
     src = make_model(root / "src", "256m", seed=0, progress=False)

@@ -24,7 +24,8 @@ from conftest import assert_user_error, draw_image, load_json, run_cli, write_vi
 from pocketvlm.manifest import read_manifest, write_manifest  # noqa: E402
 from pocketvlm.media import load_video  # noqa: E402
 from pocketvlm.prompt import Processor, Request  # noqa: E402
-from pocketvlm.quantize.fidelity import builtin_samples, gate  # noqa: E402
+from pocketvlm.evaluate import builtin_samples  # noqa: E402
+from pocketvlm.quantize.fidelity import gate  # noqa: E402
 
 QUESTION = "What color is the circle?"
 # A reference top-2 logit gap this small is a near-tie: f16 arithmetic (llama.cpp rounds activations to f16 for
@@ -92,7 +93,7 @@ def no_partial_left(out: Path) -> bool:
 # ------------------------------------------------------------------------------------------------ export
 
 def test_export_writes_text_model_mmproj_processor_and_manifest(exports):
-    from pocketvlm.runtime.gguf import read_gguf
+    from pocketvlm.formats.gguf_reader import read_gguf
 
     bpw = {}
     for quant, folder in exports.items():
@@ -116,7 +117,7 @@ def test_export_writes_text_model_mmproj_processor_and_manifest(exports):
 
 
 def test_mmproj_q8_0_on_request(tiny_model, tmp_path):
-    from pocketvlm.runtime.gguf import read_gguf
+    from pocketvlm.formats.gguf_reader import read_gguf
 
     out = tmp_path / "mq8"
     proc = run_cli("export", tiny_model, "--to", "gguf", "--mmproj-quant", "q8_0", "--out", out, "--quiet")
@@ -141,7 +142,8 @@ def test_q4_k_m_reports_fallbacks_and_bits_per_weight(exports):
 
 def test_decode_weight_bytes_leave_out_the_embedding_table(exports):
     """The bench's memory roofline: a decode step reads every text weight but only one row of the embedding."""
-    from pocketvlm.runtime.gguf import artifact_files, decode_weight_bytes, read_gguf
+    from pocketvlm.formats.gguf import artifact_files
+    from pocketvlm.formats.gguf_reader import decode_weight_bytes, read_gguf
 
     for quant in ("f16", "q4_k_m"):
         model_file, _ = artifact_files(exports[quant], load_json(exports[quant] / "pocketvlm.json"))
@@ -384,7 +386,7 @@ def test_unknown_quant_and_non_empty_output_are_one_line(exports, tiny_model, tm
     assert_user_error(run_cli("quantize", exports["f16"], "--quant", "q2_k", "--out", out),
                       "unknown --quant 'q2_k' for gguf", "q8_0, q4_k_m")
     assert_user_error(run_cli("quantize", exports["q8_0"], "--quant", "q4_k_m", "--out", out),
-                      "starts from an f16 export")
+                      "is q8_0; quantize from an f16 gguf export")
     assert no_partial_left(out)
     out.mkdir()
     (out / "keep.txt").write_text("mine")

@@ -48,7 +48,7 @@ COMMITTED_FLOOR = 0.95
 
 def test_committed_micro_model_answers_the_heldout_split():
     from pocketvlm.runtime.reference import ReferenceBackend
-    from pocketvlm.train import heldout_accuracy
+    from pocketvlm.evaluate import heldout_accuracy
 
     manifest = load_json(MICRO / "pocketvlm.json")
     assert manifest["source"]["id"] == "preset:micro" and manifest["quant"] == "fp16"
@@ -76,7 +76,7 @@ def test_training_examples_keep_8_bit_pixels_that_decode_to_the_processors_exact
 def test_training_is_deterministic(tmp_path):
     import torch
 
-    from pocketvlm.models import _build_tokenizer, _finish_config, _random_model, _write_processor_files
+    from pocketvlm.make_model import _build_tokenizer, _finish_config, _random_model, _write_processor_files
     from pocketvlm.presets import preset
     from pocketvlm.train import train
 

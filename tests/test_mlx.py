@@ -126,7 +126,8 @@ def test_quantize_an_fp16_artifact_to_4bit(mlx_exports, tiny_model, tmp_path):
     assert manifest["source"]["path"] == str(tiny_model)
     proc, report = check(out, tiny_model, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert_user_error(run_cli("quantize", out, "--quant", "8bit", "--out", tmp_path / "again"), "already 4bit")
+    assert_user_error(run_cli("quantize", out, "--quant", "8bit", "--out", tmp_path / "again"),
+                      "is 4bit; quantize from an fp16 or fp32 or bf16 mlx export")
 
 
 def test_missing_rope_theta_is_filled_in(tiny_model, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from conftest import load_json, run_cli
 
 from pocketvlm.manifest import FILENAME, read_manifest, verify
-from pocketvlm.models import make_model, preset_config
+from pocketvlm.make_model import make_model, preset_config
 from pocketvlm.presets import image_seq_len, preset
 from pocketvlm.tokenizer import build_tokenizer
 
@@ -68,7 +68,7 @@ def test_make_model_is_deterministic_and_the_seed_matters(tmp_path, tiny_model):
 
 
 def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    import pocketvlm.models as models
+    import pocketvlm.make_model as models
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

@@ -20,7 +20,7 @@ pytest.importorskip("onnx", reason="onnx is not installed (pip install 'pocketvl
 
 from pocketvlm.prompt import Request  # noqa: E402
 from pocketvlm.runtime import open_backend  # noqa: E402
-from pocketvlm.runtime.onnx import PARTS, part_file  # noqa: E402
+from pocketvlm.formats.onnx import PARTS, part_file  # noqa: E402
 
 QUANTS = ("fp32", "fp16", "int8", "q4")
 JS_DIR = Path(__file__).parent / "js"
@@ -315,7 +315,7 @@ def test_quantize_an_fp32_artifact_to_int8(onnx_exports, tiny_model, tmp_path):
     proc, report = check(out, tiny_model, tmp_path)
     assert proc.returncode == 0 and report["pass"], proc.stdout + proc.stderr
     assert_user_error(run_cli("quantize", out, "--quant", "q4", "--out", tmp_path / "again"),
-                      "is int8; quantize from an fp32 ONNX export")
+                      "is int8; quantize from an fp32 onnx export")
     assert not (tmp_path / "again").exists()
 
 

@@ -100,7 +100,9 @@ def test_open_backend_refuses_what_it_cannot_run(tmp_path, tiny_model):
         open_backend(tmp_path / "empty")
     art = tmp_path / "future"
     art.mkdir()
-    (art / "pocketvlm.json").write_text('{"schema": 1, "format": "tflite", "files": []}')
+    (art / "model.tflite").write_bytes(b"")
+    (art / "pocketvlm.json").write_text('{"schema": 1, "format": "tflite", "quant": "int8", "files": [{"path": '
+                                        '"model.tflite", "bytes": 0, "sha256": "' + "0" * 64 + '"}]}')
     with pytest.raises(ArtifactError, match="'tflite' artifacts are not supported"):
         open_backend(art)
 
