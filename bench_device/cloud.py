@@ -345,7 +345,8 @@ def _pieces(chunk: dict, provider: Provider, field: str = "delta") -> tuple[list
     for choice in choices:
         if not isinstance(choice, dict):
             raise CloudError(f"{provider.name} sent a choice that is not an object", "bad_answer")
-        delta = choice.get(field) or {}
+        delta = choice.get(field)
+        delta = {} if delta is None else delta
         if not isinstance(delta, dict):
             raise CloudError(f"{provider.name} sent a {field} that is not an object", "bad_answer")
         content = delta.get("content")
@@ -375,6 +376,10 @@ def _event(payload: str, provider: Provider, secret: Secret) -> dict:
     return chunk
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"
+
+
 def _lines(resp, deadline: float, max_bytes: int, provider: Provider):
     """The response body split into lines, read as it arrives: bounded in total size, line length and time."""
     buf, total = b"", 0
@@ -388,13 +393,12 @@ def _lines(resp, deadline: float, max_bytes: int, provider: Provider):
             return
         total += len(data)
         if total > max_bytes:
-            raise CloudError(f"{provider.name}: the answer went past {max_bytes // 2**20} MiB; stopped reading",
-                             "too_long")
+            raise CloudError(f"{provider.name}: the answer went past {_size(max_bytes)}; stopped reading", "too_long")
         buf += data
         *complete, buf = buf.split(b"\n")
         yield from complete
         if len(buf) > MAX_EVENT:
-            raise CloudError(f"{provider.name} sent a stream line longer than {MAX_EVENT // 2**20} MiB", "too_long")
+            raise CloudError(f"{provider.name} sent a stream line longer than {_size(MAX_EVENT)}", "too_long")
 
 
 def _read_answer(resp, start: float, attempt: int, provider: Provider, secret: Secret, stall: float,

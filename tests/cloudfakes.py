@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import socketserver
 import threading
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote_plus
 
 
 @dataclass
@@ -65,7 +67,8 @@ class RawServer:
             allow_reuse_address = True
 
         self.server = Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # a short poll: shutdown() waits up to one poll interval, and a suite starts hundreds of these
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     @property
     def url(self) -> str:
@@ -153,12 +156,35 @@ def key_forms(key: str) -> set[str]:
     return {f for f in forms if len(f) >= 6}
 
 
+def _decoded(text: str) -> list[str]:
+    """The text as a reader could decode it: JSON escapes, percent-encoding, HTML entities, width forms, and
+    invisible characters dropped, each alone and all in a row."""
+    def json_escapes(s):
+        return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), s).replace("\\/", "/")
+
+    def invisible(s):
+        return "".join(c for c in s if unicodedata.category(c) not in ("Cf", "Cc", "Zs", "Zl", "Zp"))
+
+    steps = (json_escapes, unquote_plus, html.unescape, lambda s: unicodedata.normalize("NFKC", s), invisible)
+    views, chained = [text], text
+    for step in steps:
+        views.append(step(text))
+        chained = step(chained)
+    return views + [chained]
+
+
 def assert_no_secret(key: str, *texts: str | bytes):
+    """No form of the key, and no run of half of it (12 characters at least), in any decoding of the texts."""
+    n = max(12, len(key) // 2)
+    runs = {key[i:i + n] for i in range(len(key) - n + 1)}
     for text in texts:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
         for form in key_forms(key):
             assert form not in text, f"the key ({form!r} form) leaked into:\n{text[:2000]}"
+        for view in _decoded(text):
+            for run in runs:
+                assert run not in view, f"part of the key ({run!r}) leaked into:\n{text[:2000]}"
 
 
 def assert_no_secret_in(key: str, folder: Path):
