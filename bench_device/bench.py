@@ -179,8 +179,12 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
                                   **(cloud_options or {}))
             except Exception as e:  # a bug: keep what the edge leg measured, then fail loudly
                 bar.close()
-                results["cloud"].append({"provider": plan.requested.id, "name": plan.requested.name,
-                                         "model": plan.requested.model, "measured": False, "records": [],
+                head = plan.prices(measured=False)[0].provider
+                results["cloud"].append({"provider": plan.requested.id, "name": head.name, "model": head.model,
+                                         "measured": False, "records": [], "notes": list(plan.notes),
+                                         "price": {"input_per_m": head.input_per_m,
+                                                   "output_per_m": head.output_per_m, "date": head.price_date,
+                                                   "source": head.price_source},
                                          "error": f"internal error ({e.__class__.__name__}); a pocketvlm bug"})
                 results["costs"] = cost_table(results, power_w, kwh_price, device_cost, amortize_months)
                 if out:

@@ -25,6 +25,7 @@ import random
 import re
 import socket
 import ssl
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ def check_key(raw: str | None, where: str = "the API key") -> str | None:
     if not _KEY_CHARS.fullmatch(key):
         bad = next(c for c in key if not _KEY_CHARS.fullmatch(c))
         what = ("a space" if bad.isspace() and bad.isprintable() else
-                "a control character" if unicodedata.category(bad).startswith("C") or bad.isspace() else
+                "a control or line-break character" if unicodedata.category(bad)[0] == "C" or bad.isspace() else
                 "a non-ASCII character")
         raise PocketVLMError(f"{where} is not usable: it contains {what} ({len(key)} characters; the key itself is "
                              f"not shown)")
@@ -118,17 +119,16 @@ class Secret:
             s = re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), s)
             return s.replace("\\/", "/").replace('\\"', '"').replace("\\\\", "\\")
 
+        def invisible(s):  # zero-width joiners, controls, spaces and line separators dropped
+            return "".join(c for c in s if unicodedata.category(c) not in ("Cf", "Cc", "Zs", "Zl", "Zp"))
+
         decoders = (json_unescape, unquote, unquote_plus, html.unescape, lambda s: unicodedata.normalize("NFKC", s),
-                    lambda s: "".join(c for c in s if unicodedata.category(c) not in ("Cf", "Cc", "Zs")))
+                    invisible)
         views, chained = [text], text
         for decode in decoders:
-            try:
-                views.append(decode(text))
-                chained = decode(chained)
-            except (ValueError, OverflowError):  # chr() of a surrogate-free but out-of-range escape, etc.
-                continue
-        views.append(chained)
-        return views
+            views.append(decode(text))
+            chained = decode(chained)
+        return views + [chained]
 
     def leaks(self, text: str) -> bool:
         if not self.key or not text:
@@ -198,9 +198,9 @@ def ask(provider: Provider, key: str | None, question: str, images: list[bytes],
     """One streamed completion, timed: retries with backoff on 429/5xx/connection errors (honouring
     Retry-After up to max_wait), one-line CloudError on everything else.
 
-    timeout: connect and wait for the response head; stall_timeout: longest silence inside a stream;
-    total_timeout: the whole answer (a server that drips a byte at a time stays within the stall timeout);
-    max_bytes: the whole answer's size."""
+    timeout: connect, and each wait for the response head; stall_timeout: longest silence inside a stream;
+    total_timeout: the whole call, retries and waits included (a server that drips a byte at a time never
+    stalls); max_bytes: the whole answer's size. `key` may be None (an endpoint without auth)."""
     try:
         key = check_key(key)
     except PocketVLMError as e:
@@ -233,36 +233,65 @@ def _ask(provider, key, secret, question, images, max_tokens, *, timeout, stall_
     if key:
         headers["Authorization"] = f"Bearer {key}"
     last = ""
+    # One deadline for the whole call. http.client has no limit of its own on a response head that never ends
+    # (endless "100 Continue" lines, headers dripped a byte at a time): past the deadline a watchdog hangs up.
+    deadline = time.monotonic() + total_timeout
     for attempt in range(1, retries + 2):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
         conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        conn = conn_cls(url.hostname, port, timeout=timeout)
-        wait = None
+        conn = conn_cls(url.hostname, port, timeout=min(timeout, remaining))
+        wait, line = None, {"sock": None}
+        hung_up = threading.Event()
+        watchdog = threading.Timer(remaining, _hang_up, (line, hung_up))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             start = time.perf_counter()
+            conn.connect()
+            line["sock"] = conn.sock  # kept: the response detaches it from conn when the server closes
             conn.request("POST", path, body=body, headers=headers)
-            sock = conn.sock  # the response detaches it from conn when the server closes after the stream
             resp = conn.getresponse()
             if resp.status == 200:
-                if sock is not None:
-                    sock.settimeout(stall_timeout)
-                return _read_answer(resp, start, attempt, provider, secret, stall_timeout, total_timeout, max_bytes)
+                line["sock"].settimeout(stall_timeout)
+                return _read_answer(resp, start, attempt, provider, secret, stall_timeout, deadline, max_bytes)
             if resp.status == 429 or resp.status >= 500:
                 wait = _retry_after(resp.getheader("Retry-After"))
                 last = f"HTTP {resp.status}"
             else:
                 _refuse(resp, provider, secret)
+        except CloudError:
+            if hung_up.is_set():
+                break
+            raise
         except (socket.timeout, TimeoutError):
             last = f"no response within {timeout:g}s"
-        except CloudError:
-            raise
         except (ConnectionError, ssl.SSLError, http.client.HTTPException, OSError) as e:
             last = f"connection failed ({e.__class__.__name__})"
         finally:
+            watchdog.cancel()
             conn.close()
+        if hung_up.is_set():
+            break
         if attempt <= retries:
             backoff = wait if wait is not None else 0.5 * 2 ** (attempt - 1) * (1 + random.random() / 4)
-            sleep(min(backoff, max_wait))
-    raise CloudError(f"{provider.name}: giving up after {retries + 1} attempts ({last})", "server")
+            sleep(max(0.0, min(backoff, max_wait, deadline - time.monotonic())))
+    else:
+        raise CloudError(f"{provider.name}: giving up after {retries + 1} attempts ({last})", "server")
+    raise CloudError(f"{provider.name}: no complete answer within the total timeout ({total_timeout:g}s)"
+                     + (f"; last: {last}" if last else ""), "too_long")
+
+
+def _hang_up(line: dict, hung_up: threading.Event):
+    """The watchdog: shut the socket so a read blocked inside http.client returns."""
+    hung_up.set()
+    sock = line["sock"]
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _refuse(resp, provider: Provider, secret: Secret):
@@ -402,7 +431,7 @@ def _lines(resp, deadline: float, max_bytes: int, provider: Provider):
 
 
 def _read_answer(resp, start: float, attempt: int, provider: Provider, secret: Secret, stall: float,
-                 total: float, max_bytes: int) -> CloudResult:
+                 deadline: float, max_bytes: int) -> CloudResult:
     encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
     if encoding != "identity":
         raise CloudError(f"{provider.name} sent a compressed answer ({_printable(encoding)[:20]}) though none was "
@@ -411,7 +440,6 @@ def _read_answer(resp, start: float, attempt: int, provider: Provider, secret: S
     if ctype not in ("", "text/event-stream", "application/json"):
         raise CloudError(f"{provider.name} answered with {_printable(ctype)[:40]!r}, not an event stream",
                          "bad_answer")
-    deadline = time.monotonic() + total
     text, first, usage, finished, model = [], None, (None, None), False, provider.model
     try:
         if ctype == "application/json":  # a server that ignored stream=true: one whole answer

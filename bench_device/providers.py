@@ -170,7 +170,7 @@ def builtin_path() -> Path:
 
 @lru_cache(maxsize=None)
 def _builtin_text() -> str:
-    return builtin_path().read_text()
+    return resources.files("pocketvlm").joinpath("data/providers.json").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)

@@ -145,12 +145,12 @@ def _money(value, spec=".4f"):
 
 
 def _cloud_lines(c: dict) -> list[str]:
-    price = c["price"]
+    price = c.get("price") or {}
     req = c.get("requested") or {}
-    status = req.get("status") if req.get("model") == c["model"] else None
-    lines = [f"**{c['name']}** (`{c['model']}`{f', {status}' if status and status != 'active' else ''}; "
-             f"${price['input_per_m']:.2f} in / ${price['output_per_m']:.2f} out per M tokens, as of "
-             f"{price.get('date') or 'unknown'}, {price.get('source')})"]
+    status = req.get("status") if req.get("model") == c.get("model") else None
+    lines = [f"**{c.get('name')}** (`{c.get('model')}`{f', {status}' if status and status != 'active' else ''}; "
+             f"{_money(price.get('input_per_m'), '.2f')} in / {_money(price.get('output_per_m'), '.2f')} out per M "
+             f"tokens, as of {price.get('date') or 'unknown'}, {price.get('source')})"]
     lines += [f"- {note}" for note in c.get("notes", [])]
     if c.get("error"):
         lines.append(f"- request failed: {c['error']}")

@@ -375,7 +375,34 @@ def test_a_slow_drip_stops_at_the_total_timeout(hostile):
 
     _, provider = hostile(behave)
     err = one_line_error(provider, stall_timeout=5.0, total_timeout=0.5)
-    assert "longer than the total timeout" in str(err)
+    assert "total timeout" in str(err) and err.reason == "too_long"
+
+
+@pytest.mark.parametrize("head", ["endless 100 Continue", "a dripped status line", "dripped headers"])
+def test_a_response_head_that_never_ends_stops_at_the_total_timeout(hostile, head):
+    def behave(req, out, n):
+        if head == "endless 100 Continue":
+            for _ in range(100_000):
+                out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                out.flush()
+                time.sleep(0.001)
+            return
+        if head == "dripped headers":
+            out.write(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(3000):  # a byte every 10 ms: each read is quick, the head never completes
+            out.write(b"X" if head == "dripped headers" else b"H")
+            out.flush()
+            time.sleep(0.01)
+
+    server, provider = hostile(behave)
+    err = one_line_error(provider, timeout=5.0, total_timeout=0.6)
+    assert err.reason == "too_long" and "total timeout" in str(err) and len(server.requests) == 1
+
+
+def test_a_server_that_never_answers_is_retried_then_one_line(hostile):
+    server, provider = hostile(lambda req, out, n: time.sleep(2))
+    err = one_line_error(provider, timeout=0.3, retries=1)
+    assert "giving up after 2 attempts (no response within 0.3s)" in str(err) and len(server.requests) == 2
 
 
 def test_silence_after_the_head_is_a_stall(hostile):
@@ -604,3 +631,24 @@ def test_a_providers_file_with_a_wrong_field_names_it(tiny_model, tmp_path, case
     path = tmp_path / "providers.json"
     path.write_text(json.dumps(data))
     assert_user_error(run_cli("bench", tiny_model, "--providers", path), f"providers file {path}", field)
+
+
+def test_a_bug_in_the_cloud_leg_keeps_the_edge_results_and_never_prints_the_key(tiny_model, tmp_path, monkeypatch):
+    from pocketvlm.bench_device import bench as bench_module
+
+    def buggy_ask(provider, key, *args, **kwargs):
+        raise TypeError(f"unsupported operand for {key!r}")  # a bug whose message carries the key
+
+    monkeypatch.setattr(bench_module.cloud_api, "ask", buggy_ask)
+    monkeypatch.setenv("MISTRAL_API_KEY", KEY)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError) as err:  # a bug is a bug: it is raised, without the key
+        bench_module.bench([str(tiny_model)], runs=1, warmup=0, max_tokens=2, out=out, with_plots=False,
+                           progress=False, cloud_base_url="http://127.0.0.1:9/v1")
+    assert "TypeError" in str(err.value) and err.value.__cause__ is None and err.value.__context__ is not None
+    import traceback
+
+    assert_no_secret(KEY, "".join(traceback.format_exception(err.value, chain=False)))
+    results = json.loads((out / "results.json").read_text())
+    assert results["records"] and "internal error (TypeError)" in results["cloud"][0]["error"]
+    assert_no_secret_in(KEY, out)
