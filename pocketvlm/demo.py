@@ -184,10 +184,11 @@ def _cloud_line(name: str, samples, reference: dict, progress: bool) -> dict:
 def _cloud_price_text(p: dict) -> str:
     """'$X per 1k such questions ($Y with the batch API)' at one price, with whose price it is."""
     batch = p["per_1k_usd"].get("batch")
-    when = f"retired {p['retired']}, " if p.get("status") == "retired" and p.get("retired") else ""
-    return (f"{p['name']} (`{p['model']}`; {when}{p['label']}, ${p['input_per_m']:.2f}/${p['output_per_m']:.2f} "
-            f"per M tokens as of {p.get('date') or 'unknown'}) costs ${p['per_1k_usd']['standard']:.4f} per 1k "
-            f"such questions" + (f", ${batch:.4f} with the batch API" if batch is not None else ""))
+    label = (f"retired {p['retired']}, last price" if p.get("status") == "retired" and p.get("retired")
+             else p["label"])
+    return (f"{p['name']} (`{p['model']}`; {label}, ${p['input_per_m']:.2f}/${p['output_per_m']:.2f} per M tokens "
+            f"as of {p.get('date') or 'unknown'}) costs ${p['per_1k_usd']['standard']:.4f} per 1k such questions"
+            + (f", ${batch:.4f} with the batch API" if batch is not None else ""))
 
 
 def _fmt(v, spec, unit=""):
@@ -215,7 +216,7 @@ def render(results: dict) -> str:
         head = (_cloud_price_text(prices[0]) if prices else
                 f"{c['name']} (`{c['model']}`) costs ${c['per_1k_usd']:.4f} per 1k such questions")
         others = "".join(f"; {_cloud_price_text(p)}" for p in prices[1:])
-        lines += ["", f"Edge vs cloud: {head} ({c['label']}){others}. On-device answers cost no API fees."
+        lines += ["", f"Edge vs cloud, {c['label']}: {head}{others}. On-device answers cost no API fees."
                   + (f" Cloud TTFT {1000 * c['ttft_s']:.0f} ms." if c.get("ttft_s") else "")]
         lines += [f"Cloud: {note}." for note in c.get("notes", [])]
         if c.get("error"):
