@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import os
 import statistics
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from pocketvlm.errors import PocketVLMError
@@ -45,22 +45,38 @@ def _png(path: Path) -> tuple[bytes, tuple[int, int]]:
     return buf.getvalue(), image.size
 
 
-def cloud_leg(provider: cloud_api.Provider, images: list[Path], question: str, runs: int, max_tokens: int,
-              on_run=None, **ask_options) -> dict:
-    block = {"provider": provider.id, "name": provider.name, "model": provider.model, "measured": False,
-             "price": {"input_per_m": provider.input_per_m, "output_per_m": provider.output_per_m,
-                       "date": provider.price_date, "source": provider.price_source}, "records": []}
-    key = os.environ.get(provider.key_env)
+_FROM_ENV = object()
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def cloud_leg(plan: cloud_api.CloudPlan, images: list[Path], question: str, runs: int, max_tokens: int,
+              on_run=None, key=_FROM_ENV, **ask_options) -> dict:
+    """The cloud block of results.json: measured against the plan's callable model when a key is set, else (or
+    when the API fails) estimated; costs at every price the plan shows, standard and batch. Never raises for
+    anything the server or the key does: the block says what went wrong."""
+    requested, call, today = plan.requested, plan.call, plan.today
+    block = {"provider": requested.id, "requested": requested.lifecycle(today), "notes": list(plan.notes),
+             "about": plan.about, "measured": False, "records": []}
+    try:
+        key = cloud_api.read_key((call or requested).key_env) if key is _FROM_ENV else cloud_api.check_key(key)
+    except PocketVLMError as e:
+        block["error"], key = str(e), None
     pngs = [(p.name, *_png(p)) for p in images]
-    if not key:
-        block["skipped"] = (f"${provider.key_env} is not set; cloud figures below are estimates from the price "
+    if call is None:
+        block["skipped"] = "no callable model in the price data; cloud figures below are estimates"
+    elif not key and "error" not in block:
+        block["skipped"] = (f"${call.key_env} is not set; cloud figures below are estimates from the price "
                             f"data, not measurements")
-    else:
+    elif key:
         try:
             for name, png, _ in pngs:
                 for run in range(runs):
-                    r = cloud_api.ask(provider, key, question, [png], max_tokens, **ask_options)
-                    cost = (provider.cost(r.prompt_tokens, r.completion_tokens)
+                    r = cloud_api.ask(call, key, question, [png], max_tokens, **ask_options)
+                    cost = (call.cost(r.prompt_tokens, r.completion_tokens)
                             if r.prompt_tokens is not None and r.completion_tokens is not None else None)
                     rec = {"image": name, "run": run, "ttft_s": r.ttft_s, "e2e_s": r.total_s,
                            "output_tok_s": r.output_tok_s, "prompt_tokens": r.prompt_tokens,
@@ -70,25 +86,53 @@ def cloud_leg(provider: cloud_api.Provider, images: list[Path], question: str, r
                         on_run(rec)
             block["measured"] = True
         except cloud_api.CloudError as e:
-            block["error"] = str(e)
-    if not block["measured"]:
-        text_tokens = round(len(question.split()) * 1.3) + 8  # chat framing; no provider tokenizer offline
-        image_tokens = statistics.median(cloud_api.estimate_image_tokens(provider, *size) for _, _, size in pngs)
-        prompt = int(text_tokens + image_tokens)
+            message = str(e)
+            if e.reason in ("invalid_model", "not_found") and not plan.override:
+                message += "; pass --cloud-model with a current id"
+            block["error"] = message
+    points = plan.prices(block["measured"])
+    headline = points[0].provider
+    block.update(model=headline.model, name=headline.name,
+                 price={"input_per_m": headline.input_per_m, "output_per_m": headline.output_per_m,
+                        "date": headline.price_date, "source": headline.price_source, "label": points[0].label,
+                        "batch_factor": headline.batch_factor})
+    with_usage = [r for r in block["records"] if r["prompt_tokens"] is not None and r["completion_tokens"] is not None]
+    text_tokens = round(len(question.split()) * 1.3) + 8  # chat framing; no provider tokenizer offline
+
+    def estimated_prompt(p: cloud_api.Provider) -> int:
+        return int(text_tokens + statistics.median(cloud_api.estimate_image_tokens(p, *size) for _, _, size in pngs))
+
+    block["prices"] = []
+    for point in points:
+        if with_usage:  # the tokens the API counted, at this price (another model's: its own tokenizer may differ)
+            costs = [point.per_query(r["prompt_tokens"], r["completion_tokens"]) for r in with_usage]
+            per_query = {k: _median(c[k] for c in costs) for k in ("standard", "batch")}
+            basis = (f"tokens measured on {call.model}" if point.provider.model == call.model else
+                     f"tokens measured on {call.model}, at {point.provider.model}'s price")
+        else:
+            per_query = point.per_query(estimated_prompt(point.provider), max_tokens)
+            basis = "estimated tokens"
+        block["prices"].append({**point.to_json(today), "per_query_usd": per_query, "basis": basis,
+                                "per_1k_usd": {k: v * 1000 if v is not None else None for k, v in per_query.items()}})
+    if not with_usage:
+        rule = headline.image_rule()
+        prompt = estimated_prompt(headline)
         block["estimate"] = {"prompt_tokens": prompt, "completion_tokens": max_tokens,
-                             "cost_usd": provider.cost(prompt, max_tokens),
-                             "method": f"image tokens: {provider.image_tokens['patch']} px patches after fitting "
-                                       f"{provider.image_tokens['max_side']} px, plus row breaks; text ~1.3 "
-                                       f"tokens/word; output = {max_tokens} tokens"}
+                             "cost_usd": headline.cost(prompt, max_tokens),
+                             "method": f"image tokens: {rule.describe()}; text ~1.3 tokens/word; output = "
+                                       f"{max_tokens} tokens"}
     return block
 
 
 def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str = DEFAULT_QUESTION, runs: int = 3,
-          warmup: int = 1, max_tokens: int = 32, cloud: str | None = "mistral-medium-3", cloud_model: str | None = None,
+          warmup: int = 1, max_tokens: int = 32, cloud: str | None = "default", cloud_model: str | None = None,
           cloud_base_url: str | None = None, providers_file: Path | None = None, power_w: float | None = None,
           kwh_price: float | None = None, device_cost: float | None = None, amortize_months: int = 24,
           out: Path | None = None, with_plots: bool = True, device_label: str | None = None,
-          threads: int | None = None, progress: bool = True, cloud_options: dict | None = None) -> dict:
+          threads: int | None = None, progress: bool = True, cloud_options: dict | None = None,
+          today: dt.date | None = None) -> dict:
+    """Measure every artifact, then the cloud leg (`cloud`: a provider name from the price data, "default" for
+    the data's default, None for no cloud leg); `today` (default: the run's date) decides what is retired."""
     from tqdm import tqdm
 
     if runs < 1 or warmup < 0 or max_tokens < 2:
@@ -96,8 +140,10 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
     for a in artifacts:
         if not Path(a).exists():
             raise PocketVLMError(f"{a}: no such artifact or model folder")
-    provider = (cloud_api.get_provider(cloud, path=providers_file, model=cloud_model, base_url=cloud_base_url)
-                if cloud else None)
+    plan = (cloud_api.plan_cloud(cloud, path=providers_file, model=cloud_model, base_url=cloud_base_url, today=today)
+            if cloud else None)
+    # a malformed key is the user's to fix: one line now, not after the edge leg has run for minutes
+    key = cloud_api.read_key((plan.call or plan.requested).key_env) if plan else None
     device = describe_device(device_label)
     results = {"schema": report.SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "devices": [device], "variants": [], "records": [], "cloud": [],
@@ -106,7 +152,7 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
         images = bench_images(images_dir, Path(scratch))
         results["settings"]["images"] = [p.name for p in images]
         per_leg = len(images) * runs
-        bar = tqdm(total=per_leg * (len(artifacts) + (1 if provider else 0)), unit="run", disable=not progress,
+        bar = tqdm(total=per_leg * (len(artifacts) + (1 if plan else 0)), unit="run", disable=not progress,
                    file=sys.stderr)
         for artifact in artifacts:
             bar.set_description(f"edge {Path(artifact).name}")
@@ -124,15 +170,33 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
                                     "quant": variant.get("quant"), "measured": True, **r} for r in got["runs"]]
             if "error" in variant:
                 bar.update(per_leg - len(got["runs"]))
-                print(f"pocketvlm: {artifact}: {variant['error']}", file=sys.stderr)
-        if provider:
-            bar.set_description(f"cloud {provider.id}")
-            block = cloud_leg(provider, images, question, runs, max_tokens, on_run=lambda _: bar.update(),
-                              **(cloud_options or {}))
+                # bar.write: a line of its own, not glued to the progress bar
+                bar.write(f"pocketvlm: {artifact}: {variant['error']}", file=sys.stderr)
+        if plan:
+            bar.set_description(f"cloud {plan.requested.id}")
+            try:
+                block = cloud_leg(plan, images, question, runs, max_tokens, on_run=lambda _: bar.update(), key=key,
+                                  **(cloud_options or {}))
+            except Exception as e:  # a bug: keep what the edge leg measured, then fail loudly
+                bar.close()
+                head = plan.prices(measured=False)[0].provider
+                results["cloud"].append({"provider": plan.requested.id, "name": head.name, "model": head.model,
+                                         "measured": False, "records": [], "notes": list(plan.notes),
+                                         "price": {"input_per_m": head.input_per_m,
+                                                   "output_per_m": head.output_per_m, "date": head.price_date,
+                                                   "source": head.price_source},
+                                         "error": f"internal error ({e.__class__.__name__}); a pocketvlm bug"})
+                results["costs"] = cost_table(results, power_w, kwh_price, device_cost, amortize_months)
+                if out:
+                    report.write(results, Path(out), with_plots=False)
+                if cloud_api.Secret(key).leaks("".join(traceback.format_exception(e))):
+                    raise RuntimeError(f"the cloud leg failed ({e.__class__.__name__}); its message contained the "
+                                       f"API key and is not shown") from None
+                raise
             bar.update(per_leg - len(block["records"]))
-            for message in (block.get("skipped"), block.get("error")):
+            for message in (*block["notes"], block.get("skipped"), block.get("error")):
                 if message:
-                    print(f"pocketvlm: cloud leg: {message}", file=sys.stderr)
+                    bar.write(f"pocketvlm: cloud leg: {message}", file=sys.stderr)
             results["cloud"].append(block)
         bar.close()
     results["costs"] = cost_table(results, power_w, kwh_price, device_cost, amortize_months)
@@ -142,23 +206,36 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
 
 
 def cost_table(results: dict, power_w, kwh_price, device_cost, amortize_months) -> dict:
-    cloud_q, measured = None, False
+    """Per variant: edge energy per query, and against every cloud price shown (standard and batch) the cloud
+    cost per 1k queries and the break-even volume (in queries, and per month over the amortisation period)."""
+    prices, measured = [], False
     for c in results["cloud"]:
-        measured_costs = [r["cost_usd"] for r in c.get("records", []) if r.get("cost_usd") is not None]
-        if measured_costs:
-            cloud_q, measured = statistics.median(measured_costs), True
-        elif c.get("estimate"):
-            cloud_q = c["estimate"]["cost_usd"]
+        if c.get("prices"):
+            prices = c["prices"]
+            measured = any(r.get("cost_usd") is not None for r in c.get("records", []))
+            break
+    months = amortize_months or None
     rows = []
     for row in report.summarize(results):
         if row["error"] or not row["e2e_s"]:
             continue
         edge_q = costs.edge_cost_per_query(row["e2e_s"]["median"], power_w, kwh_price)
+        per_price = []
+        for p in prices:
+            entry = {"label": p["label"], "model": p["model"], "name": p["name"], "basis": p.get("basis")}
+            for mode in ("standard", "batch"):
+                cloud_q = p["per_query_usd"].get(mode)
+                even = costs.break_even_queries(device_cost, edge_q, cloud_q) if cloud_q is not None else None
+                entry[f"per_1k_{mode}"] = cloud_q * 1000 if cloud_q is not None else None
+                entry[f"break_even_{mode}"] = even
+                entry[f"break_even_per_month_{mode}"] = even / months if even is not None and months else None
+            per_price.append(entry)
+        headline = prices[0]["per_query_usd"]["standard"] if prices else None
         rows.append({"device": row["device"], "variant": row["variant"], "edge_per_query": edge_q,
                      "edge_per_1k": edge_q * 1000 if edge_q is not None else None,
-                     "cloud_per_query": cloud_q, "cloud_per_1k": cloud_q * 1000 if cloud_q is not None else None,
+                     "cloud_per_query": headline, "cloud_per_1k": headline * 1000 if headline is not None else None,
                      "cloud_cost_measured": measured,
-                     "break_even_queries": costs.break_even_queries(device_cost, edge_q, cloud_q)
-                     if cloud_q is not None else None})
+                     "break_even_queries": per_price[0]["break_even_standard"] if per_price else None,
+                     "cloud": per_price})
     return {"power_w": power_w, "kwh_price": kwh_price, "device_cost": device_cost,
             "amortize_months": amortize_months, "rows": rows}

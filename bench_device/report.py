@@ -1,6 +1,7 @@
 """results.json (the schema), report.md and the plots; and merging results recorded on several devices.
 
-results.json, schema "pocketvlm.bench/1":
+results.json, schema "pocketvlm.bench/2" ("pocketvlm.bench/1" files, without the cloud lifecycle and price list,
+are still read and merged):
   schema, created
   devices:  [{id, cpu, cores, ram_bytes, os, machine, accelerator, engines{}, memory_bandwidth_gbs}]
   settings: {question, images[], runs, warmup, max_tokens}
@@ -8,11 +9,20 @@ results.json, schema "pocketvlm.bench/1":
               roofline_tok_s, describe{}, error?}]                    one per artifact per device
   records:  [{device, variant, backend, quant, image, run, encode_s, ttft_s, prefill_tok_s, decode_tok_s, e2e_s,
               prompt_tokens, generated_tokens, measured: true}]      one per variant x image x run
-  cloud:    [{provider, name, model, measured, skipped?, error?, price{input_per_m, output_per_m, date, source},
-              records[{image, run, ttft_s, e2e_s, output_tok_s, prompt_tokens, completion_tokens, cost_usd}],
+  cloud:    [{provider, name, model, measured, skipped?, error?, notes[], about?,
+              requested{model, name, status, as_of, released, deprecated, retired, successor, source},
+              price{input_per_m, output_per_m, date, source, label, batch_factor},        the headline price
+              prices[{label, model, name, status, retired, input_per_m, output_per_m, batch_factor, date, source,
+                      batch_source, basis, per_query_usd{standard, batch}, per_1k_usd{standard, batch}}],
+              records[{image, run, ttft_s, e2e_s, output_tok_s, prompt_tokens, completion_tokens, cost_usd,
+                       attempts}],
               estimate{prompt_tokens, completion_tokens, cost_usd, method}?}]
+            model/name: the model measured, or (not measured) the one whose price heads the estimate; prices[0] is
+            that price; requested: the model the user named, with its lifecycle on the run's date
   costs:    {power_w, kwh_price, device_cost, amortize_months, rows[{variant, device, edge_per_query,
-              edge_per_1k, cloud_per_query, cloud_per_1k, cloud_cost_measured, break_even_queries}]}
+              edge_per_1k, cloud_per_query, cloud_per_1k, cloud_cost_measured, break_even_queries,
+              cloud[{label, model, name, basis, per_1k_standard, per_1k_batch, break_even_standard,
+                     break_even_batch, break_even_per_month_standard, break_even_per_month_batch}]}]}
 Devices that cannot run Python can produce the same file (only the fields they have) and join via `bench report`.
 """
 
@@ -24,7 +34,8 @@ from pathlib import Path
 
 from pocketvlm.errors import PocketVLMError
 
-SCHEMA = "pocketvlm.bench/1"
+SCHEMA = "pocketvlm.bench/2"
+READS = ("pocketvlm.bench/1", SCHEMA)
 METRICS = ("encode_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "e2e_s")
 
 
@@ -63,7 +74,7 @@ def load(paths: list[Path]) -> dict:
             raise PocketVLMError(f"{path}: no such results file") from None
         except (OSError, ValueError) as e:
             raise PocketVLMError(f"{path}: unreadable results file ({e.__class__.__name__})") from None
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        if not isinstance(data, dict) or data.get("schema") not in READS:
             raise PocketVLMError(f"{path}: not a pocketvlm bench results file (schema {SCHEMA})")
         seen = {d["id"] for d in merged["devices"]}
         merged["devices"] += [d for d in data.get("devices", []) if d.get("id") not in seen]
@@ -124,39 +135,83 @@ def markdown(results: dict) -> str:
     if not results["cloud"]:
         lines.append("No cloud leg in this run.")
     for c in results["cloud"]:
-        price = c["price"]
-        head = (f"**{c['name']}** (`{c['model']}`; ${price['input_per_m']:.2f} in / ${price['output_per_m']:.2f} out "
-                f"per M tokens, as of {price.get('date') or 'unknown'}, {price.get('source')})")
-        lines.append(head)
-        if c.get("error"):
-            lines.append(f"- request failed: {c['error']}")
-        if c.get("skipped"):
-            lines.append(f"- not measured: {c['skipped']}")
-        if c.get("records"):
-            recs = c["records"]
-            lines.append(f"- measured: TTFT {_stat(stats(r['ttft_s'] for r in recs))} s, total "
-                         f"{_stat(stats(r['e2e_s'] for r in recs))} s, output "
-                         f"{_stat(stats(r['output_tok_s'] for r in recs), '.1f')} tok/s, cost/query "
-                         f"${_stat(stats(r['cost_usd'] for r in recs), '.6f')}")
-        if c.get("estimate"):
-            e = c["estimate"]
-            lines.append(f"- **estimated** (no measurement): ~{e['prompt_tokens']} input + {e['completion_tokens']} "
-                         f"output tokens → ${e['cost_usd']:.6f} per query ({e['method']})")
-        lines.append("")
-    costs = results.get("costs", {})
-    if costs.get("rows"):
-        lines += ["## Cost", "",
-                  f"Edge energy: {_fmt(costs.get('power_w'), '.1f', ' W')} at "
-                  f"{_fmt(costs.get('kwh_price'), '.3f', ' $/kWh')}; device cost "
-                  f"{_fmt(costs.get('device_cost'), '.0f', ' $')} over {costs.get('amortize_months')} months.", "",
-                  "| device | variant | edge $/1k queries | cloud $/1k queries | cloud figure | break-even (queries) |",
-                  "|---|---|---|---|---|---|"]
-        for r in costs["rows"]:
-            lines.append(f"| {r['device']} | {r['variant']} | {_fmt(r['edge_per_1k'], '.4f')} | "
-                         f"{_fmt(r['cloud_per_1k'], '.4f')} | {'measured' if r['cloud_cost_measured'] else 'estimated'} | "
-                         f"{_fmt(r['break_even_queries'], ',.0f')} |")
-        lines.append("")
+        lines += _cloud_lines(c)
+    lines += _cost_lines(results.get("costs", {}))
     return "\n".join(lines) + "\n"
+
+
+def _money(value, spec=".4f"):
+    return "–" if value is None else f"${value:{spec}}"
+
+
+def _cloud_lines(c: dict) -> list[str]:
+    price = c.get("price") or {}
+    req = c.get("requested") or {}
+    status = req.get("status") if req.get("model") == c.get("model") else None
+    lines = [f"**{c.get('name')}** (`{c.get('model')}`{f', {status}' if status and status != 'active' else ''}; "
+             f"{_money(price.get('input_per_m'), '.2f')} in / {_money(price.get('output_per_m'), '.2f')} out per M "
+             f"tokens, as of {price.get('date') or 'unknown'}, {price.get('source')})"]
+    lines += [f"- {note}" for note in c.get("notes", [])]
+    if c.get("error"):
+        lines.append(f"- request failed: {c['error']}")
+    if c.get("skipped"):
+        lines.append(f"- not measured: {c['skipped']}")
+    if c.get("records"):
+        recs = c["records"]
+        lines.append(f"- measured: TTFT {_stat(stats(r['ttft_s'] for r in recs))} s, total "
+                     f"{_stat(stats(r['e2e_s'] for r in recs))} s, output "
+                     f"{_stat(stats(r['output_tok_s'] for r in recs), '.1f')} tok/s, cost/query "
+                     f"${_stat(stats(r['cost_usd'] for r in recs), '.6f')}")
+    if c.get("estimate"):
+        e = c["estimate"]
+        lines.append(f"- **estimated** (no measurement): ~{e['prompt_tokens']} input + {e['completion_tokens']} "
+                     f"output tokens → ${e['cost_usd']:.6f} per query ({e['method']})")
+    if c.get("prices"):
+        lines += ["", "| price | in / out per M | as of | $/1k queries | $/1k batch | tokens | source |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in c["prices"]:
+            batch = (f"{_money(p['per_1k_usd'].get('batch'))} ({100 * (1 - p['batch_factor']):.0f}% off)"
+                     if p.get("batch_factor") is not None else "no batch price")
+            lines.append(f"| {p['name']} (`{p['model']}`), {p['label']} | ${p['input_per_m']:.2f} / "
+                         f"${p['output_per_m']:.2f} | {p.get('date') or '–'} | {_money(p['per_1k_usd']['standard'])} "
+                         f"| {batch} | {p.get('basis', '–')} | {p.get('source')} |")
+        sources = sorted({p["batch_source"] for p in c["prices"] if p.get("batch_source")})
+        lines += [f"\nBatch: the provider's batch API (asynchronous: no latency figure applies); {s}." for s in sources]
+    if c.get("about"):
+        lines.append(f"\nNote: {c['about']}.")
+    lines.append("")
+    return lines
+
+
+def _cost_lines(costs: dict) -> list[str]:
+    if not costs.get("rows"):
+        return []
+    months = costs.get("amortize_months")
+    lines = ["## Cost", "",
+             f"Edge energy: {_fmt(costs.get('power_w'), '.1f', ' W')} at "
+             f"{_fmt(costs.get('kwh_price'), '.3f', ' $/kWh')}; device cost "
+             f"{_fmt(costs.get('device_cost'), '.0f', ' $')} over {months} months. Break-even: queries after which "
+             f"the device has paid for itself against the cloud price (and that volume per month over "
+             f"{months} months); – when the device cost is not given or the edge never gets cheaper.", "",
+             "| device | variant | edge $/1k queries | cloud price | cloud $/1k queries | cloud $/1k batch "
+             "| cloud figure | break-even (queries) | break-even, batch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def even(total, per_month):
+        return "–" if total is None else f"{total:,.0f}" + (f" ({per_month:,.0f}/month)" if per_month else "")
+
+    for r in costs["rows"]:
+        figure = "measured" if r["cloud_cost_measured"] else "estimated"
+        per_price = r.get("cloud") or [{"label": "", "name": "cloud", "model": "", "per_1k_standard": r["cloud_per_1k"],
+                                        "per_1k_batch": None, "break_even_standard": r["break_even_queries"]}]
+        for p in per_price:
+            name = f"{p['name']} (`{p['model']}`), {p['label']}" if p.get("model") else "cloud"
+            lines.append(f"| {r['device']} | {r['variant']} | {_fmt(r['edge_per_1k'], '.4f')} | {name} | "
+                         f"{_fmt(p['per_1k_standard'], '.4f')} | {_fmt(p.get('per_1k_batch'), '.4f')} | {figure} | "
+                         f"{even(p['break_even_standard'], p.get('break_even_per_month_standard'))} | "
+                         f"{even(p.get('break_even_batch'), p.get('break_even_per_month_batch'))} |")
+    lines.append("")
+    return lines
 
 
 def plots(results: dict, out: Path) -> list[Path]:

@@ -64,7 +64,7 @@ def _size(path: Path) -> int:
 
 
 def run_demo(model: str | None = None, out: Path | None = None, formats: list[str] | None = None,
-             questions: int | None = 40, cloud: str | None = "mistral-medium-3", progress: bool = True) -> Path:
+             questions: int | None = 40, cloud: str | None = "default", progress: bool = True) -> Path:
     from tqdm import tqdm
 
     from pocketvlm import formats as registry
@@ -149,25 +149,39 @@ def run_demo(model: str | None = None, out: Path | None = None, formats: list[st
 
 
 def _cloud_line(name: str, samples, reference: dict, progress: bool) -> dict:
+    """The cloud block for the edge-vs-cloud line: bench's cloud leg on five held-out pictures, one run each."""
     import tempfile
 
     from pocketvlm.bench_device import cloud as cloud_api
     from pocketvlm.bench_device.bench import cloud_leg
 
-    provider = cloud_api.get_provider(name)
+    plan = cloud_api.plan_cloud(name)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i, s in enumerate(samples[:5]):
             paths.append(Path(tmp) / f"q{i}.png")
             s.request.images[0].save(paths[-1])
-        block = cloud_leg(provider, paths, samples[0].request.question, 1, 8)
-    measured = [r["cost_usd"] for r in block["records"] if r.get("cost_usd") is not None]
-    per_query = statistics.median(measured) if measured else block["estimate"]["cost_usd"]
-    block["per_1k_usd"] = 1000 * per_query
-    block["label"] = "measured" if measured else "estimated (no API key)"
+        block = cloud_leg(plan, paths, samples[0].request.question, 1, 8)
+    if progress:
+        for message in (*block["notes"], block.get("error")):
+            if message:
+                print(f"pocketvlm demo: cloud: {message}", file=sys.stderr)
+    measured = any(r.get("cost_usd") is not None for r in block["records"])
+    block["per_1k_usd"] = block["prices"][0]["per_1k_usd"]["standard"]
+    block["label"] = "measured" if measured else "estimated (no API key)" if block.get("skipped") else "estimated"
     if block["records"]:
         block["ttft_s"] = statistics.median(r["ttft_s"] for r in block["records"])
     return block
+
+
+def _cloud_price_text(p: dict) -> str:
+    """'$X per 1k such questions ($Y with the batch API)' at one price, with whose price it is."""
+    batch = p["per_1k_usd"].get("batch")
+    label = (f"retired {p['retired']}, last price" if p.get("status") == "retired" and p.get("retired")
+             else p["label"])
+    return (f"{p['name']} (`{p['model']}`; {label}, ${p['input_per_m']:.2f}/${p['output_per_m']:.2f} per M tokens "
+            f"as of {p.get('date') or 'unknown'}) costs ${p['per_1k_usd']['standard']:.4f} per 1k such questions"
+            + (f", ${batch:.4f} with the batch API" if batch is not None else ""))
 
 
 def _fmt(v, spec, unit=""):
@@ -191,9 +205,15 @@ def render(results: dict) -> str:
         lines.append(f"\n{fmt}: {note}.")
     c = results.get("cloud")
     if c:
-        lines += ["", f"Edge vs cloud: {c['name']} (`{c['model']}`) costs ${c['per_1k_usd']:.4f} per 1k such "
-                      f"questions ({c['label']}); on-device answers cost no API fees."
+        prices = c.get("prices") or []
+        head = (_cloud_price_text(prices[0]) if prices else
+                f"{c['name']} (`{c['model']}`) costs ${c['per_1k_usd']:.4f} per 1k such questions")
+        others = "".join(f"; {_cloud_price_text(p)}" for p in prices[1:])
+        lines += ["", f"Edge vs cloud, {c['label']}: {head}{others}. On-device answers cost no API fees."
                   + (f" Cloud TTFT {1000 * c['ttft_s']:.0f} ms." if c.get("ttft_s") else "")]
+        lines += [f"Cloud: {note}." for note in c.get("notes", [])]
+        if c.get("error"):
+            lines.append(f"Cloud request failed: {c['error']}.")
     for fmt, why in results.get("skipped_formats", {}).items():
         lines.append(f"\n{fmt}: not on this machine ({why})")
     return "\n".join(lines) + "\n"

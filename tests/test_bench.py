@@ -12,6 +12,7 @@ from conftest import assert_user_error, run_cli
 from PIL import Image
 
 from pocketvlm.bench_device.costs import break_even_queries, edge_cost_per_query, monthly_costs
+from pocketvlm.bench_device.providers import builtin_path
 from pocketvlm.runtime.server import make_server
 
 KEY = "sk-bench-test-key-42"
@@ -47,7 +48,7 @@ def bench_run(tiny_model, mlx_fp16, endpoint, tmp_path_factory):
 def test_results_json_has_every_run_and_the_device(bench_run):
     out, _ = bench_run
     results = json.loads((out / "results.json").read_text())
-    assert results["schema"] == "pocketvlm.bench/1"
+    assert results["schema"] == "pocketvlm.bench/2"
     device = results["devices"][0]
     assert device["cores"] >= 1 and device["memory_bandwidth_gbs"] > 0 and "torch" in device["engines"]
     assert [v["id"] for v in results["variants"]] == ["reference-fp32", "mlx-fp16"]
@@ -98,7 +99,16 @@ def test_without_a_key_the_cloud_is_estimated_and_labelled(tiny_model, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     cloud = results["cloud"][0]
     assert not cloud["measured"] and cloud["records"] == [] and cloud["estimate"]["cost_usd"] > 0
-    assert cloud["model"] == "mistral-medium-2505" and cloud["price"]["input_per_m"] == 0.40
+    data = json.loads(builtin_path().read_text())
+    medium_3 = data["providers"]["mistral-medium-3"]["model"]
+    assert cloud["model"] == medium_3 == cloud["requested"]["model"]
+    assert cloud["price"]["input_per_m"] == data["models"][medium_3]["price"]["input_per_m"]
+    if cloud["requested"]["status"] == "retired":  # on or after its retirement date, by the run's date
+        assert cloud["price"]["label"] == "retired model, last price"
+        assert cloud["prices"][1]["model"] == data["models"][medium_3]["successor"]
+        assert "retired" in proc.stderr and "retired model, last price" in (tmp_path / "report.md").read_text()
+    for p in cloud["prices"]:
+        assert p["per_query_usd"]["batch"] == pytest.approx(p["per_query_usd"]["standard"] * p["batch_factor"])
     assert results["records"]  # the edge leg still ran
     md = (tmp_path / "report.md").read_text()
     assert "**estimated**" in md and "| estimated |" in md
@@ -157,3 +167,20 @@ def test_cost_arithmetic():
     assert break_even_queries(None, 0.0, 0.0004) is None
     curve = monthly_costs([1000, 10000], 0.0004, 1e-6, 240, 24)
     assert curve["cloud"] == pytest.approx([0.4, 4.0]) and curve["edge"] == pytest.approx([10.001, 10.01])
+
+
+def test_bench_report_still_reads_schema_1_results(bench_run, tmp_path):
+    out, _ = bench_run
+    old = json.loads((out / "results.json").read_text())
+    old["schema"] = "pocketvlm.bench/1"
+    for c in old["cloud"]:  # what a /1 cloud block had
+        for key in ("requested", "notes", "prices"):
+            c.pop(key)
+    for row in old["costs"]["rows"]:
+        row.pop("cloud")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    proc = run_cli("bench", "report", tmp_path / "old.json", out / "results.json", "--out", tmp_path / "merged",
+                   "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "merged" / "report.md").read_text()
+    assert md.count("measured: TTFT") == 2 and "## Cost" in md
