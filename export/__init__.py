@@ -1,7 +1,8 @@
 """Export: a SmolVLM2 checkpoint -> an artifact folder (one module per format: gguf.py, mlx.py, onnx.py, coreml.py).
 
 Each format module provides
-    export(source: ModelSource, out: Path, quant: str, *, force: bool, progress: bool, **options) -> Path
+    export(source: ModelSource, out: Path, quant: str, *, force: bool, progress: bool, image_size: int | None,
+           **options) -> Path
 and writes through pocketvlm.manifest.atomic_output, the manifest last. Its quants and options are declared in the
 format registry (pocketvlm.formats), which export_model checks them against. Modules are imported only when used,
 so a missing optional dependency only matters for its own format.
@@ -15,11 +16,13 @@ from pocketvlm import formats
 from pocketvlm.errors import PocketVLMError
 from pocketvlm.manifest import check_output
 from pocketvlm.models import resolve_source
+from pocketvlm.prompt import check_image_size
 
 
 def export_model(source: str, fmt: str, out: Path, *, quant: str | None = None, force: bool = False,
-                 progress: bool = True, **options) -> Path:
-    """Resolve SOURCE, check the quant and options against the format's descriptor, and run its exporter."""
+                 progress: bool = True, image_size: int | None = None, **options) -> Path:
+    """Resolve SOURCE, check the quant and options against the format's descriptor, and run its exporter.
+    image_size: the artifact's image budget (written into its processor config and manifest), for every format."""
     descriptor = formats.get(fmt, exportable=True)
     quant = descriptor.check_quant(quant or descriptor.default_quant)
     given = {k: v for k, v in options.items() if v is not None}
@@ -27,7 +30,9 @@ def export_model(source: str, fmt: str, out: Path, *, quant: str | None = None, 
     if unknown:
         names = ", ".join("--" + k.replace("_", "-") for k in unknown)
         raise PocketVLMError(f"{names} does not apply to {fmt} exports")
+    if image_size is not None:
+        check_image_size(image_size)
     module = descriptor.stage("export")
     src = resolve_source(source)
     check_output(Path(out), force=force, protect=(src.path,))  # never the source, nor a folder holding it
-    return module.export(src, Path(out), quant, force=force, progress=progress, **given)
+    return module.export(src, Path(out), quant, force=force, progress=progress, image_size=image_size, **given)

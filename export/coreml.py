@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketvlm.artifact import copy_processor_files, note as log, source_record
+from pocketvlm.artifact import copy_processor_files, note as log, set_image_size, source_record
 from pocketvlm.errors import PocketVLMError
 from pocketvlm.formats.coreml import (DECODER, DEFAULT_MAX_CONTEXT, EMBEDDINGS, TARGETS, VISION, causal_mask,
                                       import_coremltools, quiet)
@@ -32,7 +32,8 @@ from pocketvlm.quantize import coreml as qcoreml
 
 
 def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, progress: bool = True,
-           max_context: int | None = None, deployment_target: str | None = None) -> Path:
+           image_size: int | None = None, max_context: int | None = None,
+           deployment_target: str | None = None) -> Path:
     config = json.loads((source.path / "config.json").read_text())
     target = check_target(deployment_target)
     context = check_context(config, max_context)
@@ -40,6 +41,7 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, p
     ct = import_coremltools()
     with atomic_output(out, force=force) as scratch:
         copy_processor_files(source.path, scratch)
+        budget = set_image_size(scratch, image_size)
         (scratch / "pocketvlm.json").unlink(missing_ok=True)
         seconds = convert(source.path, scratch, context=context, target=target, progress=progress)
         info = None
@@ -48,7 +50,7 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, p
             info = qcoreml.compress_folder(scratch, quant, progress=progress)
             seconds[quant] = round(time.perf_counter() - start, 2)
         qcoreml.finish(scratch, quant, source=source_record(source), ct=ct, quantization=info,
-                       export_s=seconds, deployment_target=target)
+                       export_s=seconds, deployment_target=target, **budget)
     return out
 
 
@@ -237,7 +239,8 @@ def convert(model_dir: Path, root: Path, *, context: int, target: str, progress:
     log(progress, "converting the vision encoder ...")
     start = time.perf_counter()
     side = vision.image_size
-    tiles = ct.RangeDim(lower_bound=1, upper_bound=max_tiles(model_dir), default=1, symbol="tiles")
+    # the tile range of the artifact's own processor files (its image budget), copied into root first
+    tiles = ct.RangeDim(lower_bound=1, upper_bound=max_tiles(root), default=1, symbol="tiles")
     with torch.no_grad(), quiet():
         traced = torch.jit.trace(VisionEncoder(hf).eval(), (torch.randn(2, 3, side, side),), check_trace=False)
         ml = ct.convert(traced, inputs=[ct.TensorType(name="pixel_values", shape=(tiles, 3, side, side),

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pocketvlm.artifact import base_tools, copy_processor_files, source_record
+from pocketvlm.artifact import base_tools, copy_processor_files, set_image_size, source_record
 from pocketvlm.errors import PocketVLMError
 from pocketvlm.formats.gguf import MMPROJ_QUANTS, mmproj_name as mmproj_file, model_name as model_file
 from pocketvlm.formats.gguf_reader import check_pair, read_gguf
@@ -251,7 +251,7 @@ def _declares_smollm_pretokenizer(tokenizer_json: Path) -> bool:
 # ------------------------------------------------------------------------------------------------ export
 
 def export(source: ModelSource, out: Path, quant: str, *, force: bool, progress: bool,
-           llama_cpp_dir: str | None = None, mmproj_quant: str | None = None) -> Path:
+           image_size: int | None = None, llama_cpp_dir: str | None = None, mmproj_quant: str | None = None) -> Path:
     from pocketvlm.quantize import gguf as gguf_quant
 
     mmproj_quant = mmproj_quant or "f16"
@@ -287,6 +287,7 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool, progress:
         model_info, mmproj_info = read_gguf(tmp / model_name), read_gguf(tmp / mmproj_name)
         check_pair(model_info, mmproj_info)
         copy_processor_files(source.path, tmp)
+        budget = set_image_size(tmp, image_size)
         bpw = report["bits_per_weight"] if report else model_info.bits_per_weight
         write_manifest(
             tmp, format="gguf", quant=quant, source=source_record(source),
@@ -295,7 +296,7 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool, progress:
             gguf={"model": model_name, "mmproj": mmproj_name, "mmproj_quant": mmproj_quant,
                   "pre_tokenizer_fallback": "smollm" if PRETOKENIZER_FALLBACK_NOTE in log else None,
                   "bits_per_weight": round(bpw, 3), "timings": timings},
-            **({"quantization": report} if report else {}),
+            **({"quantization": report} if report else {}), **budget,
         )
     say(f"text model {model_name}: {model_info.size / 2**20:.1f} MiB, {bpw:.2f} bits/weight; "
         f"{mmproj_name}: {mmproj_info.size / 2**20:.1f} MiB")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pocketvlm.artifact import source_record
+from pocketvlm.artifact import set_image_size, source_record
 from pocketvlm.errors import PocketVLMError
 from pocketvlm.formats.mlx import BITS, DTYPES
 from pocketvlm.manifest import atomic_output
@@ -19,7 +19,7 @@ from pocketvlm.quantize import mlx as qmlx
 
 
 def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, progress: bool = True,
-           group_size: int | None = None, keep_vision: str | None = None) -> Path:
+           image_size: int | None = None, group_size: int | None = None, keep_vision: str | None = None) -> Path:
     config = json.loads((source.path / "config.json").read_text())
     if config.get("tie_word_embeddings") or config.get("text_config", {}).get("tie_word_embeddings"):
         raise PocketVLMError(f"{source.id}: tied word embeddings do not convert with mlx-vlm (it needs a separate "
@@ -38,5 +38,6 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, p
         work.rmdir()
         (scratch / "pocketvlm.json").unlink(missing_ok=True)  # the source's own manifest, copied along
         (scratch / "README.md").unlink(missing_ok=True)  # mlx-vlm's model card names a Hub repo we did not make
-        qmlx.finish(scratch, quant, quant_plan, source=source_record(source), keep_vision=keep_vision)
+        budget = set_image_size(scratch, image_size)  # mlx-vlm copied the source's processor files as they are
+        qmlx.finish(scratch, quant, quant_plan, source=source_record(source), keep_vision=keep_vision, **budget)
     return out

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketvlm.artifact import copy_processor_files, source_record
+from pocketvlm.artifact import copy_processor_files, set_image_size, source_record
 from pocketvlm.formats.onnx import part_file
 from pocketvlm.manifest import atomic_output
 from pocketvlm.models import ModelSource
@@ -42,9 +42,11 @@ from pocketvlm.quantize import onnx as qonnx
 OPSET = 18
 
 
-def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, progress: bool = True) -> Path:
+def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, progress: bool = True,
+           image_size: int | None = None) -> Path:
     with atomic_output(out, force=force) as scratch:
         copy_processor_files(source.path, scratch)
+        budget = set_image_size(scratch, image_size)
         (scratch / "pocketvlm.json").unlink(missing_ok=True)
         fp32_root = scratch if quant == "fp32" else scratch / ".fp32"
         seconds = export_fp32(source.path, fp32_root, progress=progress)
@@ -54,7 +56,8 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, p
             parts = qonnx.convert_artifact(fp32_root, scratch, quant, progress=progress)
             seconds[quant] = round(time.perf_counter() - start, 2)
             shutil.rmtree(fp32_root)
-        qonnx.finish(scratch, quant, source=source_record(source), tools=tools(), parts=parts, export_s=seconds)
+        qonnx.finish(scratch, quant, source=source_record(source), tools=tools(), parts=parts, export_s=seconds,
+                     **budget)
     return out
 
 

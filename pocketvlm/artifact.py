@@ -3,6 +3,7 @@ reads, the record of where it came from, and the tool versions. Used by every ex
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -39,3 +40,35 @@ def note(progress: bool, message: str) -> None:
     """A progress line of a long export or quantize step (silent with --quiet)."""
     if progress:
         print(f"pocketvlm: {message}", file=sys.stderr, flush=True)
+
+
+def set_image_size(folder: Path, image_size: int | None) -> dict:
+    """Write the image budget (the longest edge images and video frames are resized to before tiling) into the
+    artifact's preprocessor_config.json, where every consumer reads it -- our backends, mlx-vlm's load,
+    transformers.js -- so all of them tile the same way. Returns the manifest's record of it ({} if unchanged)."""
+    if image_size is None:
+        return {}
+    from .prompt import check_image_size
+
+    check_image_size(image_size)
+    # the image processor's settings live in preprocessor_config.json and, in folders a transformers 5 processor
+    # saved (mlx-vlm's converter does), again inside processor_config.json -- which AutoProcessor then prefers
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        config = data.get(key) if key else data
+        if not isinstance(config, dict):
+            continue
+        config["size"] = {**(config.get("size") or {}), "longest_edge": image_size}
+        sampling = config.get("video_sampling")
+        if isinstance(sampling, dict):  # transformers' video processor sizes frames by `size` too; keep in step
+            sampling["video_size"] = {**(sampling.get("video_size") or {}), "longest_edge": image_size}
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    return {"image_size": image_size}
+
+
+def inherited(manifest: dict) -> dict:
+    """What a quantized artifact keeps from the one it was made from (its processor files come along as they are)."""
+    return {"image_size": manifest["image_size"]} if isinstance(manifest.get("image_size"), int) else {}

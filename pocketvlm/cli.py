@@ -33,6 +33,23 @@ def thread_count(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def image_size_arg(text: str) -> int:
+    """--image-size: the longest edge, in pixels, an image is resized to before tiling."""
+    from .prompt import check_image_size
+
+    try:
+        return check_image_size(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    except PocketVLMError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+IMAGE_SIZE_HELP = ("image budget: the longest edge, in px, images are resized to before they are cut into tiles "
+                   "(default: the model's own -- 2048 at SmolVLM2-256M/500M, 4 tiles a side plus a global view; 512 "
+                   "is one tile there, ~13x fewer image tokens; 1536 / 384 at 2.2B)")
+
+
 def _make_model(args) -> int:
     from .make_model import make_model
 
@@ -54,7 +71,7 @@ def _ask(args) -> int:
     images = [open_image(p) for p in args.image]  # before the (slow) model load, so a typo fails at once
     if args.video:
         check_file(args.video, "a video")
-    backend = open_backend(args.model, threads=args.threads, torch_free=True)
+    backend = open_backend(args.model, threads=args.threads, torch_free=True, image_size=args.image_size)
     video = None
     if args.video:
         cfg = backend.processor.config
@@ -76,6 +93,9 @@ def _ask(args) -> int:
     parts = [f"{result.backend} {result.quant}", f"load {t.load_s:.2f}s"]
     if t.encode_s is not None:
         parts.append(f"encode {t.encode_s:.2f}s")
+    if result.image_tiles:
+        parts.append(f"{result.image_tiles} tile{'s' if result.image_tiles > 1 else ''} / {result.image_tokens} "
+                     f"image tok")
     parts.append(f"ttft {t.ttft_s:.2f}s")
     if t.prefill_tok_s:
         parts.append(f"prefill {t.prefill_tok_s:.0f} tok/s ({result.prompt_tokens} tok)")
@@ -91,7 +111,7 @@ def _export(args) -> int:
 
     options = {name: getattr(args, name) for name in formats.all_options()}
     out = export_model(args.source, args.to, Path(args.out), quant=args.quant, force=args.force,
-                       progress=not args.quiet, **options)
+                       progress=not args.quiet, image_size=args.image_size, **options)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -176,7 +196,7 @@ def _demo(args) -> int:
 
     formats = [f.strip() for f in args.formats.split(",")] if args.formats else None
     run_demo(args.model, Path(args.out) if args.out else None, formats=formats, questions=args.questions,
-             cloud=None if args.cloud == "none" else args.cloud, progress=not args.quiet)
+             cloud=None if args.cloud == "none" else args.cloud, progress=not args.quiet, image_size=args.image_size)
     return 0
 
 
@@ -191,11 +211,16 @@ def _check(args) -> int:
     report = check(Path(args.artifact), reference=args.reference,
                    samples_file=Path(args.samples) if args.samples else None,
                    images_dir=Path(args.images) if args.images else None, max_tokens=args.max_tokens,
-                   progress=progress)
+                   progress=progress, image_size=args.image_size)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0 if report["pass"] else 1
+
+
+CLOUD_HELP = ("provider from the price data: mistral-medium-3.5 (default), mistral-medium-3.1 and mistral-medium-3 "
+              "(both retired: estimated at their last price, measured on their successor), openai-compatible; or "
+              "'none'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-tokens tokens (for timing random-weight models)")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the engine's choice)")
+    p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP)
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object: answer, token_ids, backend, quant, timings")
+                   help="print one JSON object: answer, token_ids, token_probs, image_tiles, image_tokens, backend, "
+                        "quant, timings")
     p.set_defaults(func=_ask)
 
     p = sub.add_parser(
@@ -259,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (refused if not empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace OUT once the new artifact is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--image-size", type=image_size_arg, metavar="PX",
+                   help=IMAGE_SIZE_HELP.replace("image budget:", "the artifact's default image budget (written into "
+                                                "its processor config, so every consumer tiles the same way):"))
     for option, _ in formats.all_options().values():
         p.add_argument(option.flag, **option.argparse_kwargs())
     p.set_defaults(func=_export)
@@ -276,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=int, default=40,
                    help="held-out questions to ask, tasks in turn (default 40 = 10 per task; 200 asks them all — "
                         "quantized MLX on Linux takes ~2 s a question)")
-    p.add_argument("--cloud", default="mistral-medium-3", help="provider for the edge-vs-cloud line, or 'none'")
+    p.add_argument("--cloud", default="default", help=CLOUD_HELP)
+    p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_demo)
 
@@ -328,19 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "speed (a fixed number of tokens, end of sequence ignored), end-to-end latency, peak RSS, size "
                     "on disk, and decode as a fraction of the memory-bandwidth roofline. Then the cloud leg: the "
                     "same requests to the provider (key from its env var; without one, estimates labelled as "
-                    "such), and cost per 1k queries.")
+                    "such). Cost per 1k queries at standard and batch prices, and break-even against the device, "
+                    "for the current model and Mistral Medium 3's last price; a retired model is measured on its "
+                    "successor.")
     p.add_argument("targets", nargs="+", metavar="ARTIFACT", help="artifacts / model folders")
     p.add_argument("--images", metavar="DIR", help="images to ask about (default: built-in probe images)")
     p.add_argument("--question", default="Describe this image.", help="the question (default: %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="measured runs per image (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per run (default 32)")
-    p.add_argument("--cloud", default="mistral-medium-3",
-                   help="provider from the price data (mistral-medium-3, mistral-medium-3.1, openai-compatible) "
-                        "or 'none' (default: mistral-medium-3)")
-    p.add_argument("--cloud-model", help="override the provider's model id (Mistral retires ids)")
+    p.add_argument("--cloud", default="default", help=CLOUD_HELP)
+    p.add_argument("--cloud-model", help="send this model id as given, never swapped for a successor; an id in the "
+                                         "price data brings its own price and lifecycle (e.g. mistral-medium-3-5)")
     p.add_argument("--cloud-base-url", help="override the provider's API base URL")
-    p.add_argument("--providers", help="a providers JSON file to use instead of the built-in price data")
+    p.add_argument("--providers", help="a providers JSON file (schema pocketvlm.providers/2; start from a copy of "
+                                       "pocketvlm/data/providers.json)")
     p.add_argument("--power-w", type=float, help="device power draw while answering, in watts (edge energy cost)")
     p.add_argument("--kwh-price", type=float, default=0.30, help="electricity price, $/kWh (default 0.30)")
     p.add_argument("--device-cost", type=float, help="device price in $, for the break-even volume")
@@ -373,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", help="JSON list of {image, question, answer?} (default: built-in probes)")
     p.add_argument("--images", metavar="DIR", help="also ask 'Describe this image.' about every image in DIR")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens compared per sample (default: 32)")
+    p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP + "; both sides use it")
     p.add_argument("--report", metavar="FILE", help="also write the full report as JSON")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=_check)

@@ -64,7 +64,8 @@ def _size(path: Path) -> int:
 
 
 def run_demo(model: str | None = None, out: Path | None = None, formats: list[str] | None = None,
-             questions: int | None = 40, cloud: str | None = "default", progress: bool = True) -> Path:
+             questions: int | None = 40, cloud: str | None = "default", progress: bool = True,
+             image_size: int | None = None) -> Path:
     from tqdm import tqdm
 
     from pocketvlm import formats as registry
@@ -77,6 +78,10 @@ def run_demo(model: str | None = None, out: Path | None = None, formats: list[st
     samples = heldout_samples(questions)
     if not all(s.answer for s in samples):
         raise PocketVLMError("the held-out samples have no expected answers")
+    if cloud:  # an unknown provider is a one-line error now, not after minutes of exports
+        from pocketvlm.bench_device import cloud as cloud_api
+
+        cloud_api.plan_cloud(cloud)
     out = Path(out or f"pocketvlm-demo-{dt.datetime.now():%Y%m%d-%H%M%S}")
     if out.exists() and any(out.iterdir()):
         raise PocketVLMError(f"{out} already exists and is not empty; pick another --out")
@@ -106,7 +111,7 @@ def run_demo(model: str | None = None, out: Path | None = None, formats: list[st
     bar = tqdm(total=len(samples) * (1 + len(runnable)), desc="answer", unit="q", disable=not progress,
                file=sys.stderr)
     bar.set_description("answer reference")
-    reference = _answers(open_backend(source), samples, bar)
+    reference = _answers(open_backend(source, image_size=image_size), samples, bar)
     ref_answers = [r["answer"] for r in reference["rows"]]
     rows.insert(0, {"format": "pytorch", "quant": "fp32 (reference)", "size_bytes": _size(Path(source)),
                     "accuracy": reference["accuracy"], "agreement": 1.0, "ttft_s": reference["ttft_s"],
@@ -120,7 +125,7 @@ def run_demo(model: str | None = None, out: Path | None = None, formats: list[st
             continue
         bar.set_description(f"answer {fmt} {quant}")
         try:
-            backend = open_backend(path)
+            backend = open_backend(path, image_size=image_size)
             got = _answers(backend, samples, bar)
             note = backend.describe().get("note")  # e.g. MLX on Linux: timings unlike Apple Silicon's
             if note:

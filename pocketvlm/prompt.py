@@ -59,6 +59,10 @@ class Encoded:
     pixel_values: np.ndarray | None
     pixel_attention_mask: np.ndarray | None
 
+    @property
+    def tiles(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[1])
+
 
 @dataclass(frozen=True)
 class ProcessorConfig:
@@ -84,10 +88,13 @@ class ProcessorConfig:
 
         path = Path(path)
         what = "not a SmolVLM model folder"
-        pre = read_json(path / "preprocessor_config.json", what)
         config = read_json(path / "config.json", what)
         proc_path = path / "processor_config.json"
         proc = read_json(proc_path, what) if proc_path.is_file() else {}
+        # a folder saved by a transformers 5 processor repeats the image processor's settings inside
+        # processor_config.json, and AutoProcessor prefers those: so do we
+        pre = proc.get("image_processor") if isinstance(proc.get("image_processor"), dict) else \
+            read_json(path / "preprocessor_config.json", what)
         vision = config.get("vision_config", {})
         # image_seq_len is stated by the processor; else derived as the model derives it.
         seq = proc.get("image_seq_len") or (
@@ -118,14 +125,31 @@ class ProcessorConfig:
                 from e
 
 
-class Processor:
-    """Tokenizer + chat template + image/video preprocessing for one SmolVLM folder (or artifact holding its files)."""
+def check_image_size(image_size) -> int:
+    """--image-size: the longest edge an image is resized to before tiling, 1 .. 4096 px (transformers' cap)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise PromptError(f"--image-size {image_size}: give the longest edge in pixels, 1 to {MAX_IMAGE_SIZE} (a "
+                          f"multiple of the model's tile size: that many tiles a side)")
+    return image_size
 
-    def __init__(self, path: Path):
+
+class Processor:
+    """Tokenizer + chat template + image/video preprocessing for one SmolVLM folder (or artifact holding its files).
+
+    image_size: the image budget -- the longest edge images (and video frames) are resized to before tiling --
+    instead of the folder's own (SmolVLM2's default is 4 tiles a side: 2048 px at 256M/500M). At the tile size
+    (512 px there) an image is one tile: 64 image tokens instead of 13 x 64."""
+
+    def __init__(self, path: Path, image_size: int | None = None):
+        from dataclasses import replace
+
         from tokenizers import Tokenizer
 
         self.path = Path(path)
         self.config = ProcessorConfig.from_dir(self.path)
+        if image_size is not None:
+            size = check_image_size(image_size)
+            self.config = replace(self.config, longest_edge=size, video_longest_edge=size)
         try:
             self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         except Exception as e:  # the tokenizers library raises plain Exception on a bad file

@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pocketvlm.artifact import base_tools, note as log
+from pocketvlm.artifact import base_tools, inherited, note as log
 from pocketvlm.errors import ArtifactError, PocketVLMError
 from pocketvlm.formats.coreml import DECODER, EMBEDDINGS, FORMAT, PACKAGES, import_coremltools, quiet
 from pocketvlm.manifest import FILENAME, atomic_output, write_manifest
@@ -188,7 +188,7 @@ def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bo
         finish(scratch, quant, source=manifest["source"], ct=ct, quantization=compress_folder_info(quant),
                export_s={quant: round(time.perf_counter() - start, 2)},
                deployment_target=manifest.get("deployment_target", "iOS18"),
-               derived_from={"path": str(artifact), "quant": manifest["quant"]})
+               derived_from={"path": str(artifact), "quant": manifest["quant"]}, **inherited(manifest))
     return out
 
 

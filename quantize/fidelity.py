@@ -181,7 +181,7 @@ def reference_for(artifact: Path, manifest: dict, override: str | None) -> str:
 
 
 def check(artifact: Path, *, reference: str | None = None, samples_file: Path | None = None,
-          images_dir: Path | None = None, max_tokens: int = 32, progress=None) -> dict:
+          images_dir: Path | None = None, max_tokens: int = 32, progress=None, image_size: int | None = None) -> dict:
     from pocketvlm.manifest import read_manifest
     from pocketvlm.runtime import open_backend
 
@@ -194,15 +194,17 @@ def check(artifact: Path, *, reference: str | None = None, samples_file: Path | 
         raise PocketVLMError("--max-tokens must be at least 1")
     samples = ((load_samples(samples_file) if samples_file else [])
                + (image_dir_samples(images_dir) if images_dir else [])) or builtin_samples()
-    ref_backend = open_backend(ref_source)
-    backend = open_backend(artifact)
+    backend = open_backend(artifact, image_size=image_size)
+    # the reference tiles as the artifact does: the same image budget (the artifact's own unless given)
+    ref_backend = open_backend(ref_source, image_size=image_size or backend.processor.config.longest_edge)
     if ref_backend.name != "reference":
         raise PocketVLMError(f"--reference {ref_source} is an exported artifact; pass the Hugging Face model folder")
     limits = gate(manifest["format"], manifest["quant"])
     report = compare(ref_backend, backend, samples, max_tokens, progress, precision=limits.get("precision"))
     failures = verdict(report["summary"], limits)
     return {"artifact": str(artifact), "format": manifest["format"], "quant": manifest["quant"],
-            "reference": str(ref_source), "max_tokens": max_tokens, **report, "thresholds": limits,
+            "reference": str(ref_source), "max_tokens": max_tokens,
+            "image_size": backend.processor.config.longest_edge, **report, "thresholds": limits,
             "pass": not failures, "failures": failures, "notes": notes(report["summary"], limits)}
 
 

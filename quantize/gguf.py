@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pocketvlm.artifact import base_tools, copy_processor_files
+from pocketvlm.artifact import base_tools, copy_processor_files, inherited
 from pocketvlm.errors import ArtifactError, PocketVLMError
 from pocketvlm.formats.gguf import FORMAT, artifact_files, model_name
 from pocketvlm.formats.gguf_reader import block_size, check_pair, read_gguf
@@ -131,7 +131,7 @@ def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bo
             tmp, format="gguf", quant=quant, source=manifest.get("source", {}), tools=tools,
             gguf={**roles, "model": name, "mmproj": mmproj.name, "bits_per_weight": report["bits_per_weight"],
                   "quantized_from": str(artifact.resolve())},
-            quantization=report,
+            quantization=report, **inherited(manifest),
         )
     print_report(report, progress=progress)
     return Path(out)

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pocketvlm.artifact import base_tools
+from pocketvlm.artifact import base_tools, inherited
 from pocketvlm.errors import ArtifactError, PocketVLMError
 from pocketvlm.formats.mlx import BITS, DEFAULT_GROUP_SIZE, DTYPES, GROUP_SIZES
 from pocketvlm.manifest import atomic_output, write_manifest
@@ -169,5 +169,5 @@ def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bo
         work.rmdir()
         (scratch / "pocketvlm.json").unlink(missing_ok=True)  # copied from the input by the converter
         finish(scratch, quant, quant_plan, source=manifest["source"],
-               derived_from={"path": str(artifact), "quant": manifest["quant"]})
+               derived_from={"path": str(artifact), "quant": manifest["quant"]}, **inherited(manifest))
     return out

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from pocketvlm.artifact import base_tools, copy_processor_files
+from pocketvlm.artifact import base_tools, copy_processor_files, inherited
 from pocketvlm.errors import ArtifactError, PocketVLMError
 from pocketvlm.formats.onnx import DATA_SUFFIX, PARTS, SUBFOLDER, part_file
 from pocketvlm.manifest import atomic_output, write_manifest
@@ -280,5 +280,5 @@ def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bo
         copy_processor_files(artifact, scratch)
         parts = convert_artifact(artifact, scratch, quant, progress=progress)
         finish(scratch, quant, source=manifest["source"], tools=tools(), parts=parts,
-               derived_from={"path": str(artifact), "quant": manifest["quant"]})
+               derived_from={"path": str(artifact), "quant": manifest["quant"]}, **inherited(manifest))
     return out

@@ -16,6 +16,7 @@ from pocketvlm.errors import ArtifactError
 from pocketvlm.threads import check_threads
 from pocketvlm.manifest import read_manifest, verify
 from pocketvlm.models import check_smolvlm_dir, resolve_source
+from pocketvlm.prompt import check_image_size
 
 from .base import Backend, Prefilled, Result, Step, Timings  # noqa: F401  (the public interface)
 
@@ -32,11 +33,14 @@ def keep_torch_out() -> None:
 
 
 def open_backend(model: str | Path, *, torch_free: bool = False, threads: int | None = None,
-                 **options) -> Backend:
+                 image_size: int | None = None, **options) -> Backend:
     """Load MODEL (artifact folder, Hugging Face folder, or Hub id) on the backend its format needs.
 
-    torch_free: for a non-reference format, keep torch out of this process (see keep_torch_out)."""
+    torch_free: for a non-reference format, keep torch out of this process (see keep_torch_out).
+    image_size: the image budget (longest edge before tiling) instead of the artifact's own."""
     check_threads(threads)
+    if image_size is not None:
+        check_image_size(image_size)
     path = Path(model).expanduser()
     if path.is_dir() and (manifest := read_manifest(path)) is not None:
         name = manifest.get("format")
@@ -52,4 +56,4 @@ def open_backend(model: str | Path, *, torch_free: bool = False, threads: int | 
     fmt = formats.get(name)
     if torch_free and name != "hf":
         keep_torch_out()
-    return fmt.backend_class()(path, threads=threads, **options)
+    return fmt.backend_class()(path, threads=threads, image_size=image_size, **options)

@@ -32,6 +32,8 @@ class Step:
     encode_s: float | None = None  # first step only: vision encoder time, where the engine exposes it
     prefill_s: float | None = None  # first step only: time to run the prompt through the text model
     prompt_tokens: int | None = None  # first step only: length of the prompt the model saw
+    image_tiles: int | None = None    # first step only: tiles the images (and video frames) were cut into
+    image_tokens: int | None = None   # first step only: <image> positions in the prompt
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Result:
     backend: str
     quant: str
     timings: Timings
+    image_tiles: int = 0
+    image_tokens: int = 0
     peak_memory_bytes: int | None = None  # the engine's own figure where it keeps one (bench measures RSS)
     logits: list[np.ndarray] | None = field(default=None, repr=False)
 
@@ -155,7 +159,9 @@ class Backend(ABC):
             yield Step(token_id=token, text=stream.push(token), time=time.perf_counter(), prob=prob, logits=kept,
                        encode_s=pre.encode_s if first else None,
                        prefill_s=(prefilled - start - (pre.encode_s or 0.0)) if first else None,
-                       prompt_tokens=n_prompt if first else None)
+                       prompt_tokens=n_prompt if first else None,
+                       image_tiles=enc.tiles if first else None,
+                       image_tokens=int((enc.input_ids == self.processor.image_token_id).sum()) if first else None)
             fed = next_input(token, n, position, max_tokens=max_tokens, context=context, eos=eos,
                              ignore_eos=ignore_eos, force=force)
             if fed is None:
@@ -199,6 +205,8 @@ class Backend(ABC):
             backend=self.name,
             quant=self.quant,
             timings=timings,
+            image_tiles=(first.image_tiles or 0) if first else 0,
+            image_tokens=(first.image_tokens or 0) if first else 0,
             peak_memory_bytes=self.peak_memory_bytes(),
             logits=[s.logits for s in steps] if with_logits else None,
         )

@@ -42,7 +42,7 @@ def require_macos(path: Path) -> None:
 class CoreMLBackend(Backend):
     name = "coreml"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None):
         self.path = Path(path)
         require_macos(self.path)
         import coremltools as ct
@@ -54,7 +54,7 @@ class CoreMLBackend(Backend):
         for name in (VISION, DECODER, EMBEDDINGS):
             if not (self.path / name).exists():
                 raise ArtifactError(f"{self.path}: {name} is missing; re-export the artifact")
-        self.processor = Processor(self.path)
+        self.processor = Processor(self.path, image_size=image_size)
         self.threads = threads  # Core ML schedules its own threads; kept for describe()
         units = ct.ComputeUnit.ALL if threads is None else ct.ComputeUnit.CPU_ONLY
         start = time.perf_counter()

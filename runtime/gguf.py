@@ -68,13 +68,13 @@ class GGUFBackend(Backend):
     name = "gguf"
     N_BATCH = 512  # tokens (or image embeddings) per llama_decode call
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None):
         from pocketvlm.manifest import read_manifest
 
         self.path = Path(path)
         manifest = read_manifest(self.path) or {}
         self.quant = manifest.get("quant", "unknown")
-        self.processor = Processor(self.path)
+        self.processor = Processor(self.path, image_size=image_size)
         self.model_file, self.mmproj_file = artifact_files(self.path, manifest)
         model_info = read_gguf(self.model_file, "text model")
         mmproj_info = read_gguf(self.mmproj_file, "mmproj")

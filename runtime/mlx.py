@@ -32,13 +32,13 @@ LINUX_NOTE = ("MLX on Linux runs on its CPU backend with the reference BLAS of t
 class MLXBackend(Backend):
     name = "mlx"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None):
         import mlx.core as mx
         from mlx_vlm.utils import load_model
 
         self.path = Path(path)
         self.quant = (read_manifest(self.path) or {}).get("quant", "unknown")
-        self.processor = Processor(self.path)
+        self.processor = Processor(self.path, image_size=image_size)
         start = time.perf_counter()
         try:
             self.model = load_model(self.path)

@@ -25,7 +25,7 @@ from .base import Backend, Prefilled
 class ONNXBackend(Backend):
     name = "onnx"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -33,7 +33,7 @@ class ONNXBackend(Backend):
         self.quant = manifest.get("quant", "unknown")
         if self.quant not in SUFFIXES:
             raise ArtifactError(f"{self.path}: unknown ONNX quant {self.quant!r} in pocketvlm.json; re-export")
-        self.processor = Processor(self.path)
+        self.processor = Processor(self.path, image_size=image_size)
         self.threads = threads
         self.files = {part: self.path / part_file(self.quant, part) for part in PARTS}
         listed = {entry["path"] for entry in manifest.get("files", [])}

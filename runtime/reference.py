@@ -20,7 +20,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     quant = "fp32"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None):
         import torch
         from transformers import SmolVLMForConditionalGeneration
         from transformers.utils import logging as hf_logging
@@ -29,7 +29,7 @@ class ReferenceBackend(Backend):
         if threads:
             torch.set_num_threads(threads)
         self.path = Path(path)
-        self.processor = Processor(self.path)
+        self.processor = Processor(self.path, image_size=image_size)
         start = time.perf_counter()
         self.model = SmolVLMForConditionalGeneration.from_pretrained(self.path, dtype=torch.float32).eval()
         self.load_s = time.perf_counter() - start

@@ -493,9 +493,10 @@ def test_a_v1_providers_file_is_still_read(tmp_path):
 @pytest.mark.parametrize("name", ["default", "mistral-medium-3"])
 def test_demo_line_shows_standard_and_batch_for_the_current_model_and_medium_3(name, monkeypatch):
     from pocketvlm import demo
+    from pocketvlm.evaluate import heldout_samples
 
     monkeypatch.delenv("MISTRAL_API_KEY", raising=False)
-    block = demo._cloud_line(name, demo.heldout_samples(5), {}, progress=False)
+    block = demo._cloud_line(name, heldout_samples(5), {}, progress=False)
     line = next(l for l in demo.render({"model": "m", "questions": 5, "machine": "x", "rows": [], "cloud": block})
                 .splitlines() if l.startswith("Edge vs cloud"))
     assert line.startswith("Edge vs cloud, estimated (no API key): ")
