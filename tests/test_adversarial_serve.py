@@ -483,6 +483,7 @@ def test_half_sent_body_times_out_with_408(served):
 
 
 def test_idle_connections_are_closed_and_hold_no_thread(served):
+    assert served.healthy()  # the pool is up
     before = threading.active_count()
     idle = [served.raw() for _ in range(40)]
     try:
