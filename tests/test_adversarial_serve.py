@@ -902,3 +902,26 @@ def test_parse_request_keeps_what_it_is_given():
     assert parse_request(mistral, LIMITS).images[0].header.pixels == 120
     with pytest.raises(PayloadTooLarge):
         parse_request(chat(images=[png_header_only(2000, 2000)]), LIMITS)
+
+
+# ------------------------------------------------------------------------------------------ the load test
+
+def test_load_script_runs_mixed_traffic_and_the_server_survives_it(tiny_model, tmp_path):
+    """bench_device/serve_load.py for a few seconds: every request gets the status its kind must get (counts,
+    not timings), the server answers normally afterwards and exits 0 on Ctrl-C."""
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, "-m", "pocketvlm.bench_device.serve_load", str(tiny_model),
+                           "--clients", "4", "--seconds", "5", "--workers", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["unexpected"] == {}
+    assert result["requests"] == sum(sum(v.values()) for v in result["by_kind"].values()) > 0
+    assert result["valid_requests"] > 0 and result["malformed_requests"] > 0
+    for kind in ("chat", "chat+image", "stream", "models"):
+        assert set(result["by_kind"].get(kind, {"missing": 1})) == {"200"}, kind
+    assert result["after"]["chat_status"] == 200 and result["after"]["models_status"] == 200
+    server = result["server"]
+    assert server["exit_code"] == 0 and server["tracebacks"] == 0
+    assert server["peak_rss_mb"] and server["threads_peak"]
+    assert "requests:" in proc.stdout and "p95" in proc.stdout and proc.stdout.rstrip().endswith("OK")
