@@ -175,26 +175,16 @@ class Reader:
         return line
 
     def read(self, n: int) -> bytearray:
-        """Up to n bytes (fewer only if the client closed), filled in place: a 64 MB body is one buffer, not a
-        list of chunks joined at the end."""
-        if len(self.buf) >= n:
-            out = self.buf[:n]
-            del self.buf[:n]
-            return out
-        out = bytearray(n)
-        have = len(self.buf)
-        out[:have] = self.buf
-        self.buf.clear()
-        view = memoryview(out)
-        while have < n:
+        """Up to n bytes (fewer only if the client closed). The buffer grows with what arrives: a client that
+        declares 64 MB and sends nothing costs nothing."""
+        out = self.buf[:n]
+        del self.buf[:n]
+        while len(out) < n:
             self._arm()
-            got = self.sock.recv_into(view[have:], min(n - have, 1 << 20))
-            if not got:
+            chunk = self.sock.recv(min(n - len(out), 1 << 20))
+            if not chunk:
                 break
-            have += got
-        view.release()
-        if have < n:
-            del out[have:]
+            out += chunk
         return out
 
     def discard(self, n: int) -> int:
@@ -248,7 +238,6 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile = conn.reader
         self.wfile = Writer(conn.sock, server.request_timeout)
         self.close_connection = False
-        self.linger = False
         self._reset()
 
     def _reset(self) -> None:
@@ -259,6 +248,7 @@ class Handler(BaseHTTPRequestHandler):
         self.chunked = False         # a chunked body not read yet
         self.expect_continue = False
         self.headers_sent = False
+        self.linger = False          # on closing: read and drop what the client still sends (see _linger)
         self._close_sent = False
         self._headers_buffer = []
 
