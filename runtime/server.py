@@ -459,7 +459,6 @@ ROUTES = {"/v1/models": ("GET",), "/v1/chat/completions": ("POST",)}
 def make_handler(service: ChatService, access: Access) -> type[httpd.Handler]:
     class ChatHandler(httpd.Handler):
         max_body = MAX_BODY
-        chat = service  # for whoever holds the server (tests, the load test): server.handler_class.chat
 
         def _reset(self):
             super()._reset()
@@ -585,6 +584,7 @@ def make_handler(service: ChatService, access: Access) -> type[httpd.Handler]:
             self.wfile.write(b"data: [DONE]\n\n")
             self.close_connection = True
 
+    ChatHandler.service = service  # for whoever holds the server (tests): server.handler_class.service
     return ChatHandler
 
 

@@ -580,7 +580,7 @@ def test_images_within_the_budget_add_up_per_request(served):
 
 
 def test_images_are_decoded_under_the_same_lock_as_inference(served, monkeypatch):
-    service = served.server.handler_class.chat
+    service = served.server.handler_class.service
     held = []
     real = media.open_image_bytes
     monkeypatch.setattr(media, "open_image_bytes",
