@@ -299,9 +299,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             if not self.headers_sent:
                 self._safely(lambda: self.send_error(408, "the request was not received in time"))
-        except (ConnectionError, BrokenPipeError):
-            self.close_connection = True  # the client went away
-        except OSError:
+        except OSError:  # the client went away (reset, broken pipe) or its socket failed
             self.close_connection = True
         except Exception:
             self.log_bug()
