@@ -125,43 +125,16 @@ def _quantize(args) -> int:
     return 0
 
 
-def _serve_until_interrupted(server) -> int:
-    """Serve until Ctrl-C (a clean exit, status 0), closing the socket on any way out."""
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
-
-
 def _serve(args) -> int:
-    from pocketvlm.runtime import open_backend
-    from pocketvlm.runtime.server import make_server
+    from pocketvlm.runtime import server
 
-    backend = open_backend(args.model, threads=args.threads, torch_free=True)
-    server = make_server(backend, args.host, args.port, model_id=args.model_id, api_key=args.api_key)
-    host, port = server.server_address[:2]
-    print(f"pocketvlm: serving {args.model} ({backend.name} {backend.quant}) on http://{host}:{port}/v1 "
-          f"(OpenAI-compatible chat completions; Ctrl-C stops)", file=sys.stderr, flush=True)
-    return _serve_until_interrupted(server)
+    return server.main(args)
 
 
 def _serve_web(args) -> int:
-    from pocketvlm.runtime.web import WebDemo, make_server, notes, urls
+    from pocketvlm.runtime import web
 
-    demo = WebDemo(Path(args.artifact))
-    server = make_server(demo, args.host, args.port)
-    port = server.server_address[1]
-    where = urls(args.host, port)
-    print(f"pocketvlm: web demo for {args.artifact} ({demo.manifest.get('quant')}) at {where[0]} "
-          f"(Ctrl-C stops)", file=sys.stderr, flush=True)
-    for url in where[1:]:
-        print(f"pocketvlm: on a phone on the same network, open {url}", file=sys.stderr, flush=True)
-    for note in notes(demo.manifest):
-        print(f"pocketvlm: note: {note}", file=sys.stderr, flush=True)
-    return _serve_until_interrupted(server)
+    return web.main(args)
 
 
 def _bench(args) -> int:
@@ -315,13 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve a model as an OpenAI-compatible chat endpoint (loopback by default)",
         description="Serve MODEL at http://HOST:PORT/v1/chat/completions (streamed or not) and /v1/models, so "
                     "OpenAI- or Mistral-style clients can use the on-device model. Images as data: URLs only; "
-                    "greedy decoding; one request at a time.")
-    p.add_argument("model", help="model folder, Hub id in the cache, or exported artifact")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--model-id", help="model name reported to clients (default: the backend name)")
-    p.add_argument("--api-key", help="require this bearer token from clients")
+                    "greedy decoding; one request at a time. Loopback by default; another address needs an API "
+                    "key (POCKETVLM_API_KEY) or --insecure.")
+    from pocketvlm.runtime import server as serve_verb  # the module owns its options (mlx-lm style)
+
+    serve_verb.add_arguments(p)
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for the engine")
+    p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(
@@ -330,10 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "The browser runs the model itself with transformers.js on onnxruntime-web (WebAssembly, or "
                     "WebGPU where available); every file comes from this server, nothing from a CDN. Needs the "
                     "page's npm packages (npm ci --prefix samples/web).")
-    p.add_argument("artifact", help="an ONNX export folder (pocketvlm export MODEL --to onnx --out DIR)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0: phones on the same network)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    from pocketvlm.runtime import web as serve_web_verb
+
+    serve_web_verb.add_arguments(p)
     p.set_defaults(func=_serve_web)
 
     p = sub.add_parser(

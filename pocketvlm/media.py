@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +99,79 @@ def _decode(source, label) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:
         raise MediaError(f"{label}: corrupt or truncated image ({e})") from e
     return image
+
+
+# ------------------------------------------------------------------------------ sizes before decoding
+
+# What one request may cost to decode, whatever the model: a 12-megapixel phone photo and then some. The model
+# itself never looks at more than its longest-edge setting squared per image (it downsizes to that, then cuts
+# tiles); a budget of several such images' worth leaves room for pictures sent larger than the model needs.
+MIN_PIXEL_BUDGET = 16_000_000
+IMAGES_WORTH = 8
+_warnings_lock = threading.Lock()  # warnings.catch_warnings is process-wide state
+
+
+class PixelBudgetError(MediaError):
+    """Images whose pixels, summed, are over what one request may decode (a server answers 413)."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    width: int
+    height: int
+    format: str  # PIL's name: PNG, JPEG, WEBP, GIF, ...
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_image_header(source, label=None) -> ImageHeader:
+    """An image's size and format from its header alone (a path or bytes): PIL parses the header when opening
+    and decodes pixels only on load(), so a 64-megapixel PNG costs a few bytes here, not 200 MB."""
+    import io
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not len(source):
+            raise MediaError(f"{label or 'image'}: empty image (0 bytes)")
+        fp, label = io.BytesIO(source), label or "image"
+    else:
+        path = check_file(source, "an image")
+        fp, label = path, label or path
+    try:
+        with _warnings_lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp) as image:
+                width, height = image.size
+                kind = image.format or "unknown"
+    except Image.DecompressionBombError:
+        raise PixelBudgetError(f"{label}: image claims over {2 * Image.MAX_IMAGE_PIXELS // 1_000_000} MP "
+                               f"(a decompression bomb); downscale it first") from None
+    except UnidentifiedImageError:
+        raise MediaError(f"{label}: not an image (unknown format or corrupt header)") from None
+    except Exception as e:  # PIL's format plugins raise all sorts on crafted headers; none of it is usable
+        raise MediaError(f"{label}: unreadable image header ({e.__class__.__name__})") from None
+    if width < 1 or height < 1:
+        raise MediaError(f"{label}: image header says {width}x{height}")
+    return ImageHeader(width, height, kind)
+
+
+def default_pixel_budget(longest_edge: int) -> int:
+    """Pixels one request may carry by default: IMAGES_WORTH images at what the model can see (its longest-edge
+    setting squared), and never less than MIN_PIXEL_BUDGET."""
+    return max(MIN_PIXEL_BUDGET, IMAGES_WORTH * int(longest_edge) ** 2)
+
+
+def check_pixel_budget(headers: Sequence[ImageHeader], budget: int, *, hint: str = "send smaller images") -> int:
+    """The total pixels of one request's images, or PixelBudgetError when over budget. Call it with the headers
+    (read_image_header) before decoding anything."""
+    total = sum(h.pixels for h in headers)
+    if total > budget:
+        sizes = ", ".join(f"{h.width}x{h.height}" for h in headers[:4]) + (", ..." if len(headers) > 4 else "")
+        raise PixelBudgetError(f"the {'image is' if len(headers) == 1 else f'{len(headers)} images are'} "
+                               f"{total / 1e6:.1f} MP ({sizes}), over the budget of {budget / 1e6:.1f} MP per "
+                               f"request; {hint}")
+    return total
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

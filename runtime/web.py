@@ -11,25 +11,26 @@ it); this server only hands out files, from four places and nothing else:
     /samples/<name>.png          the held-out sample images, offered on the page as one-tap pictures
     /demo.json                   what the page needs to start: the model id, its quant, the sample list
 
-Loopback by default; `--host 0.0.0.0` lets a phone on the same network open it. Torch-free, standard library only.
+Only files inside the artifact are ever served: a manifest that lists a path outside it ('..', an absolute path, a
+symlink that leads out) is refused at start. Loopback by default; `--host 0.0.0.0` lets a phone on the same
+network open it. Torch-free, standard library only; the HTTP plumbing (bounded workers, timeouts) is runtime/httpd.py.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import re
 import shutil
-import socket
-import socketserver
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from pocketvlm.errors import ArtifactError, PocketVLMError
 from pocketvlm.manifest import FILENAME, read_manifest, verify
+
+from . import httpd
+from .httpd import lan_addresses
 
 PAGE_FILES = ("index.html", "app.js", "style.css")
 # what the page imports from node_modules: path under node_modules -> URL under /vendor/
@@ -89,8 +90,35 @@ def check_artifact(path: Path) -> dict:
     if manifest.get("format") != "onnx":
         raise ArtifactError(f"{path}: a {manifest.get('format')!r} artifact; the web demo runs ONNX exports "
                             f"(pocketvlm export MODEL --to onnx --out DIR)")
+    check_listed_paths(path, manifest)  # before verify, which would open whatever the manifest names
     verify(path, manifest)
     return manifest
+
+
+def check_listed_paths(root: Path, manifest: dict) -> None:
+    """Every file the manifest lists is a plain relative path that stays inside the artifact once resolved: no
+    '..', no absolute path, no symlink out. The server hands these files to anyone who can reach it."""
+    real_root = Path(root).resolve()
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise ArtifactError(f"{root}: {FILENAME} has no list of files; re-export the artifact")
+    for entry in files:
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        if not _plain_relative(rel):
+            raise ArtifactError(f"{root}: {FILENAME} lists {str(rel)[:80]!r}, not a plain path inside the artifact; "
+                                f"refusing to serve it (re-export the artifact)")
+        real = (real_root / rel).resolve()
+        if not real.is_relative_to(real_root):
+            raise ArtifactError(f"{root}: {rel} leads outside the artifact (to {real}); refusing to serve it "
+                                f"(copy the file in instead of linking it)")
+
+
+def _plain_relative(rel) -> bool:
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel or rel.startswith("/"):
+        return False
+    parts = PurePosixPath(rel).parts
+    return bool(parts) and not any(part in ("..", ".") or ":" in part for part in parts) and \
+        "/".join(parts) == rel
 
 
 def heldout_dir() -> Path:
@@ -121,6 +149,7 @@ class WebDemo:
     def __init__(self, artifact: Path, web: Path | None = None):
         self.artifact = Path(artifact).expanduser()
         self.manifest = check_artifact(self.artifact)
+        self.root = self.artifact.resolve()
         self.web = check_web(web or web_dir())
         digest = hashlib.sha256((self.artifact / FILENAME).read_bytes()).hexdigest()[:12]
         self.model_id = f"{self.manifest.get('quant', 'onnx')}-{digest}"
@@ -134,10 +163,9 @@ class WebDemo:
                 self.vendor[f"ort/{p.name}"] = p
 
     def demo_json(self) -> bytes:
-        source = self.manifest.get("source") or {}
         return json.dumps({
             "model": self.model_id, "quant": self.manifest.get("quant"), "format": self.manifest.get("format"),
-            "name": self.artifact.name, "source": source.get("id") or source.get("path"),
+            "name": self.root.name, "source": public_source(self.manifest.get("source") or {}),
             "samples": self.samples,
         }).encode()
 
@@ -152,12 +180,28 @@ class WebDemo:
             return self.vendor.get(path[len("/vendor/"):])
         if path.startswith(f"/models/{self.model_id}/"):
             rel = path[len(f"/models/{self.model_id}/"):]
-            return self.artifact / rel if rel in self.model_files else None
+            if rel not in self.model_files:
+                return None
+            # checked again per request: a listed file swapped for a symlink after start is not followed out
+            real = (self.root / rel).resolve()
+            return real if real.is_relative_to(self.root) else None
         if path.startswith("/samples/"):
             name = path[len("/samples/"):]
             if any(s["image"] == path for s in self.samples):
                 return self.sample_dir / name
         return None
+
+
+def public_source(source: dict) -> str | None:
+    """What the page may say about where the model came from: a Hub id or preset name, or only the folder's name
+    (the absolute path of a local source is nobody's business on the network)."""
+    ident = source.get("id")
+    if isinstance(ident, str) and (ident.startswith("preset:") or source.get("revision")):
+        return ident
+    local = ident if isinstance(ident, str) and ident else source.get("path")
+    if not local:
+        return None
+    return PurePosixPath(str(local).replace("\\", "/")).name or None
 
 
 def notes(manifest: dict) -> list[str]:
@@ -171,13 +215,9 @@ def notes(manifest: dict) -> list[str]:
     return []
 
 
-def make_handler(demo: WebDemo):
-    class Handler(BaseHTTPRequestHandler):
+def make_handler(demo: WebDemo) -> type[httpd.Handler]:
+    class WebHandler(httpd.Handler):
         server_version = "pocketvlm-web"
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format, *args):  # quiet: one line per request is noise on a phone demo
-            pass
 
         def do_GET(self):
             self._send(body=True)
@@ -185,85 +225,58 @@ def make_handler(demo: WebDemo):
         def do_HEAD(self):
             self._send(body=False)
 
+        def _not_allowed(self):
+            self.reply_error(405, f"{self.command} is not allowed (static files: GET and HEAD)",
+                             headers={"Allow": "GET, HEAD"})
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+        def extra_headers(self):
+            # cross-origin isolation: lets onnxruntime-web use threads where the browser allows them
+            # (secure contexts: loopback, https)
+            return {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp",
+                    "X-Content-Type-Options": "nosniff"}
+
         def _headers(self, status: int, content_type: str, length: int, cache: str) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(length))
             self.send_header("Cache-Control", cache)
-            # cross-origin isolation: lets onnxruntime-web use threads where the browser allows them
-            # (secure contexts: loopback, https)
-            self.send_header("Cross-Origin-Opener-Policy", "same-origin")
-            self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
-            self.send_header("X-Content-Type-Options", "nosniff")
             self.end_headers()
 
         def _send(self, body: bool) -> None:
             path = urlsplit(self.path).path
-            try:
-                if path == "/demo.json":
-                    data = demo.demo_json()
-                    self._headers(200, MIME[".json"], len(data), "no-cache")
-                    if body:
-                        self.wfile.write(data)
-                    return
-                target = demo.resolve(path)
-                if target is None or not target.is_file():
-                    data = b"not found\n"
-                    self._headers(404, "text/plain; charset=utf-8", len(data), "no-store")
-                    if body:
-                        self.wfile.write(data)
-                    return
-                suffix = target.suffix if target.suffix in MIME else ".onnx"
-                # model files sit under a URL that changes with the manifest: safe to keep
-                cache = "public, max-age=31536000, immutable" if path.startswith("/models/") else "no-cache"
-                self._headers(200, MIME[suffix], target.stat().st_size, cache)
+            if path == "/demo.json":
+                data = demo.demo_json()
+                self._headers(200, MIME[".json"], len(data), "no-cache")
                 if body:
-                    with target.open("rb") as f:
-                        shutil.copyfileobj(f, self.wfile, 1 << 20)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the browser went away mid-file
+                    self.wfile.write(data)
+                return
+            target = demo.resolve(path)
+            if target is None or not target.is_file():
+                data = b"not found\n"
+                self._headers(404, "text/plain; charset=utf-8", len(data), "no-store")
+                if body:
+                    self.wfile.write(data)
+                return
+            suffix = target.suffix if target.suffix in MIME else ".onnx"
+            # model files sit under a URL that changes with the manifest: safe to keep
+            cache = "public, max-age=31536000, immutable" if path.startswith("/models/") else "no-cache"
+            with target.open("rb") as f:
+                size = f.seek(0, 2)
+                f.seek(0)
+                self._headers(200, MIME[suffix], size, cache)
+                if body:
+                    shutil.copyfileobj(f, self.wfile, 1 << 20)
 
-    return Handler
-
-
-def make_server(demo: WebDemo, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    class Server(ThreadingHTTPServer):
-        address_family = family
-        daemon_threads = True
-
-        def server_bind(self):  # HTTPServer's own looks the host name up (getfqdn): no lookups on a demo server
-            socketserver.TCPServer.server_bind(self)
-            self.server_name, self.server_port = host, self.server_address[1]
-
-    try:
-        return Server((host, port), make_handler(demo))
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise PocketVLMError(f"port {port} on {host} is in use; pick another with --port "
-                                 f"(--port 0 picks a free one)") from None
-        raise PocketVLMError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return WebHandler
 
 
-def lan_addresses() -> list[str]:
-    """This machine's IPv4 addresses other than loopback, read from the interfaces (Linux); no packets sent."""
-    try:
-        import fcntl
-        import struct
-    except ImportError:
-        return []
-    found = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
-            except OSError:
-                continue
-            address = socket.inet_ntoa(packed[20:24])
-            if not address.startswith("127.") and address not in found:
-                found.append(address)
-    return found
+def make_server(demo: WebDemo, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 8,
+                timeout: float = 30.0) -> httpd.HTTPServer:
+    # a phone's browser opens ~6 connections at once; idle ones hold no worker
+    return httpd.HTTPServer(httpd.parse_bind_host(host), httpd.parse_port(port), make_handler(demo),
+                            workers=workers, max_connections=128, request_timeout=timeout, idle_timeout=timeout)
 
 
 def urls(host: str, port: int) -> list[str]:
@@ -272,3 +285,29 @@ def urls(host: str, port: int) -> list[str]:
         lan = lan_addresses() if sys.platform.startswith("linux") else []
         return [f"http://127.0.0.1:{port}/"] + [f"http://{a}:{port}/" for a in lan]
     return [f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"]
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    parser.add_argument("artifact", help="an ONNX export folder (pocketvlm export MODEL --to onnx --out DIR)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="IP address to bind (default 127.0.0.1: this machine only; 0.0.0.0: phones on the "
+                             "same network; ::1 or :: for IPv6)")
+    parser.add_argument("--port", default="8000", help="port (default 8000; 0 picks a free one)")
+
+
+def main(args) -> int:
+    """`pocketvlm serve-web`: check the artifact and the page, serve until Ctrl-C."""
+    bind = httpd.parse_bind_host(args.host)
+    port = httpd.parse_port(args.port)
+    demo = WebDemo(Path(args.artifact))
+    server = make_server(demo, bind.host, port)
+    where = urls(bind.host, server.server_address[1])
+    print(f"pocketvlm: web demo for {args.artifact} ({demo.manifest.get('quant')}) at {where[0]} "
+          f"(Ctrl-C stops)", file=sys.stderr, flush=True)
+    for url in where[1:]:
+        print(f"pocketvlm: on a phone on the same network, open {url}", file=sys.stderr, flush=True)
+    for note in notes(demo.manifest):
+        print(f"pocketvlm: note: {note}", file=sys.stderr, flush=True)
+    return httpd.serve_until_interrupted(server)
