@@ -196,19 +196,19 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
         where = str(path)
         try:
             text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise _bad(where, "no such file") from None
-        except IsADirectoryError:
-            raise _bad(where, "is a folder, not a JSON file") from None
-        except UnicodeDecodeError:
-            raise _bad(where, "not UTF-8 text") from None
+        except FileNotFoundError as e:
+            raise _bad(where, "no such file") from e
+        except IsADirectoryError as e:
+            raise _bad(where, "is a folder, not a JSON file") from e
+        except UnicodeDecodeError as e:
+            raise _bad(where, "not UTF-8 text") from e
         except OSError as e:
-            raise _bad(where, f"unreadable ({e.strerror or e.__class__.__name__})") from None
+            raise _bad(where, f"unreadable ({e.strerror or e.__class__.__name__})") from e
     try:
         data = json.loads(text)
     except ValueError as e:
         line = getattr(e, "lineno", None)
-        raise _bad(where, f"not valid JSON{f' (line {line})' if line else ''}") from None
+        raise _bad(where, f"not valid JSON{f' (line {line})' if line else ''}") from e
     if not isinstance(data, dict):
         raise _bad(where, "expected a JSON object at the top")
     if "schema" not in data:
@@ -268,8 +268,8 @@ class _Fields:
             return None
         try:
             dt.date.fromisoformat(value)
-        except (TypeError, ValueError):
-            raise self._fail(key, "a date YYYY-MM-DD or null") from None
+        except (TypeError, ValueError) as e:
+            raise self._fail(key, "a date YYYY-MM-DD or null") from e
         return value
 
     def names(self, key) -> list[str]:

@@ -70,10 +70,10 @@ def load(paths: list[Path]) -> dict:
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise PocketVLMError(f"{path}: no such results file") from None
+        except FileNotFoundError as e:
+            raise PocketVLMError(f"{path}: no such results file") from e
         except (OSError, ValueError) as e:
-            raise PocketVLMError(f"{path}: unreadable results file ({e.__class__.__name__})") from None
+            raise PocketVLMError(f"{path}: unreadable results file ({e.__class__.__name__})") from e
         if not isinstance(data, dict) or data.get("schema") not in READS:
             raise PocketVLMError(f"{path}: not a pocketvlm bench results file (schema {SCHEMA})")
         seen = {d["id"] for d in merged["devices"]}

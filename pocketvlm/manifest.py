@@ -110,7 +110,7 @@ def _files_problem(files) -> str | None:
 
 
 def verify(root: Path, manifest: dict, *, hashes: bool | None = None) -> None:
-    """Check the folder holds exactly the listed files, each a regular file inside the folder (no symlink out) with
+    """Check the folder holds exactly the listed files, each a file inside the folder (no symlink out of it) with
     its size and, unless POCKETVLM_VERIFY=sizes (or hashes=False), its sha256 over every byte."""
     root = Path(root)
     if hashes is None:
@@ -120,7 +120,7 @@ def verify(root: Path, manifest: dict, *, hashes: bool | None = None) -> None:
     for entry in manifest["files"]:
         path = root / entry["path"]
         listed.add(entry["path"])
-        if path.is_symlink() or not path.resolve().is_relative_to(real_root):
+        if not path.resolve().is_relative_to(real_root):  # a symlink out (one that stays inside is fine)
             raise ArtifactError(f"{root}: {entry['path']} is a link out of the artifact folder; refusing it")
         if not path.is_file():
             raise ArtifactError(f"{root}: {entry['path']} is missing (listed in {FILENAME}); re-export the artifact")

@@ -144,13 +144,13 @@ def read_image_header(source, label=None) -> ImageHeader:
             with Image.open(fp) as image:
                 width, height = image.size
                 kind = image.format or "unknown"
-    except Image.DecompressionBombError:
+    except Image.DecompressionBombError as e:
         raise PixelBudgetError(f"{label}: image claims over {2 * Image.MAX_IMAGE_PIXELS // 1_000_000} MP "
-                               f"(a decompression bomb); downscale it first") from None
-    except UnidentifiedImageError:
-        raise MediaError(f"{label}: not an image (unknown format or corrupt header)") from None
+                               f"(a decompression bomb); downscale it first") from e
+    except UnidentifiedImageError as e:
+        raise MediaError(f"{label}: not an image (unknown format or corrupt header)") from e
     except Exception as e:  # PIL's format plugins raise all sorts on crafted headers; none of it is usable
-        raise MediaError(f"{label}: unreadable image header ({e.__class__.__name__})") from None
+        raise MediaError(f"{label}: unreadable image header ({e.__class__.__name__})") from e
     if width < 1 or height < 1:
         raise MediaError(f"{label}: image header says {width}x{height}")
     return ImageHeader(width, height, kind)

@@ -80,9 +80,9 @@ def parse_bind_host(host: str) -> BindAddress:
         text = text[1:-1]
     try:
         address = ipaddress.ip_address(text)
-    except ValueError:
+    except ValueError as e:
         raise PocketVLMError(f"--host takes an IP address of this machine (127.0.0.1, ::1, 0.0.0.0 for every "
-                             f"interface, or a LAN address), not {host!r}") from None
+                             f"interface, or a LAN address), not {host!r}") from e
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     return BindAddress(str(address), family, address.is_loopback, address.is_unspecified)
 
@@ -404,9 +404,9 @@ class Handler(BaseHTTPRequestHandler):
                 if not size_text or len(size_text) > 16 or size_text.startswith((b"-", b"+", b"0x", b"0X")):
                     raise ValueError
                 size = int(size_text, 16)
-            except ValueError:
+            except ValueError as e:
                 self.chunked = False
-                raise RequestError(f"malformed chunked body (chunk size {size_text[:20]!r})", close=True) from None
+                raise RequestError(f"malformed chunked body (chunk size {size_text[:20]!r})", close=True) from e
             if size == 0:
                 break
             if len(body) + size > self.max_body:
@@ -543,7 +543,7 @@ class HTTPServer:
             self.socket.listen(128)
         except OSError as e:
             self.socket.close()
-            raise listen_error(address, port, e) from None
+            raise listen_error(address, port, e) from e
         self.server_address = self.socket.getsockname()
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # connections with a whole head, for the workers
         self._returned: list[Connection] = []                 # keep-alive connections back from the workers

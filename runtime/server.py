@@ -109,13 +109,13 @@ def decode_body(raw: bytes) -> object:
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadRequest(f"the request body is not UTF-8 (invalid byte at offset {e.start})") from None
+        raise BadRequest(f"the request body is not UTF-8 (invalid byte at offset {e.start})") from e
     try:
         return json.loads(text.removeprefix("\ufeff"), parse_constant=_refuse_constant)
-    except RecursionError:
-        raise BadRequest("the request body's JSON is nested too deeply") from None
+    except RecursionError as e:
+        raise BadRequest("the request body's JSON is nested too deeply") from e
     except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer of more than 4300 digits
-        raise BadRequest(f"the request body is not valid JSON ({str(e)[:120]})") from None
+        raise BadRequest(f"the request body is not valid JSON ({str(e)[:120]})") from e
 
 
 def _refuse_constant(name: str):
@@ -173,7 +173,7 @@ def parse_request(body: object, limits: Limits = Limits()) -> ChatCall:
                                              hint="send smaller images (or start the server with a larger "
                                                   "--pixel-budget)")
                 except media.PixelBudgetError as e:
-                    raise PayloadTooLarge(str(e)) from None
+                    raise PayloadTooLarge(str(e)) from e
         else:
             raise BadRequest(f"{here}: unsupported content part type {_show(kind)} (text and image_url only)")
     question = " ".join(t for t in texts if t).strip()
@@ -181,9 +181,9 @@ def parse_request(body: object, limits: Limits = Limits()) -> ChatCall:
         raise BadRequest("the question is empty: the last user message needs some text")
     try:
         question.encode("utf-8")
-    except UnicodeEncodeError:
+    except UnicodeEncodeError as e:
         raise BadRequest("the text contains an unpaired surrogate (\\ud800-\\udfff), which is not Unicode text; "
-                         "escape characters outside the BMP as surrogate pairs") from None
+                         "escape characters outside the BMP as surrogate pairs") from e
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise BadRequest(f"n must be 1 (one answer per request), not {_show(n)}")
@@ -228,14 +228,14 @@ def _image_part(ref, where: str, label: str) -> ImagePart:
         raise BadRequest(f"{label}: data URL must be base64-encoded (data:{mime};base64,...)")
     try:
         data = base64.b64decode(payload, validate=True)
-    except (ValueError, binascii.Error):
-        raise BadRequest(f"{label}: invalid base64 in data URL") from None
+    except (ValueError, binascii.Error) as e:
+        raise BadRequest(f"{label}: invalid base64 in data URL") from e
     try:
         header = media.read_image_header(data, label)
     except media.PixelBudgetError as e:
-        raise PayloadTooLarge(str(e)) from None
+        raise PayloadTooLarge(str(e)) from e
     except PocketVLMError as e:
-        raise BadRequest(str(e)) from None
+        raise BadRequest(str(e)) from e
     if header.format not in IMAGE_FORMATS:
         raise BadRequest(f"{label}: a {header.format} image; send PNG, JPEG, WebP, GIF, BMP or TIFF")
     return ImagePart(label, data, header)
@@ -270,7 +270,7 @@ def decode_images(call: ChatCall) -> list:
         except PocketVLMError:
             raise
         except Exception as e:  # PIL's decoders on crafted data: a bad image, not a server bug
-            raise media.MediaError(f"{part.label}: corrupt image ({e.__class__.__name__})") from None
+            raise media.MediaError(f"{part.label}: corrupt image ({e.__class__.__name__})") from e
     return images
 
 
@@ -548,7 +548,7 @@ def make_handler(service: ChatService, access: Access) -> type[httpd.Handler]:
             except RequestError:
                 raise
             except PocketVLMError as e:
-                raise BadRequest(str(e)) from None
+                raise BadRequest(str(e)) from e
             self.reply_json(200, completion_body(service.model_id, result))
 
         def _stream(self, call: ChatCall):
@@ -576,7 +576,7 @@ def make_handler(service: ChatService, access: Access) -> type[httpd.Handler]:
                 raise
             except PocketVLMError as e:
                 if not started:
-                    raise BadRequest(str(e)) from None
+                    raise BadRequest(str(e)) from e
                 event({"error": {"message": str(e), "type": "invalid_request_error"}})
                 self.close_connection = True
                 return

@@ -539,9 +539,15 @@ class Chatty(Backend):
         self.processor = reference.processor
         self.token = next(t for t in range(100) if t not in reference.processor.eos_token_ids)
 
+    def prefill(self, enc, budget):  # generate is replaced whole below: the engine steps never run
+        raise NotImplementedError
+
+    def decode(self, state, token_id, position):
+        raise NotImplementedError
+
     def generate(self, request, max_tokens, **_):
         for i in range(max_tokens):
-            yield Step(self.token, "x" * 65536, time.perf_counter(), prompt_tokens=10 if i == 0 else None)
+            yield Step(self.token, "x" * 65536, time.perf_counter(), prob=1.0, prompt_tokens=10 if i == 0 else None)
 
 
 def test_a_client_that_stops_reading_a_stream_does_not_hold_the_model(reference):
