@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CI = ROOT / ".ci"
 CONSTRAINTS = CI / "constraints.txt"
 BUILD_CONSTRAINTS = CI / "build-constraints.txt"
-DEFAULT_EXTRAS = "dev,mlx,bench,gguf,onnx,coreml"
+DEFAULT_EXTRAS = "dev,mlx,bench,gguf,onnx,coreml,finetune"
 MIN_PYTHON = (3, 10)
 # the files whose content decides what gets installed: change one and the next run builds a fresh environment
 KEY_FILES = ("pyproject.toml", ".ci/constraints.txt", ".ci/build-constraints.txt", ".ci/bootstrap.py", ".ci/env.sh")

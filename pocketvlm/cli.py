@@ -382,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="also write the full report as JSON")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=_check)
+
+    from . import finetune
+    p = sub.add_parser("finetune", help=finetune.HELP, description=finetune.DESCRIPTION)
+    finetune.add_arguments(p)
+    p.set_defaults(func=finetune.main)
     return parser
 
 

@@ -23,7 +23,10 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = {1: "1", 2: "2", 3: "3", 4: "4"}
 POSITIONS = ("left", "right", "top", "bottom")
-TASKS = ("color", "count", "position", "number")
+TASKS = ("color", "count", "position", "number")  # what the micro model is trained on (and its held-out split)
+# Tasks the micro model never saw: what `pocketvlm finetune`'s proof teaches it (its answers are words the model
+# has only read in questions, never said).
+NEW_TASKS = ("shape",)
 GRID = 4  # count task: shapes in distinct cells of a GRID x GRID layout
 TRAIN_SEED, HELDOUT_SEED = 1, 2  # disjoint streams: the held-out pictures are never trained on
 
@@ -94,6 +97,11 @@ def example(rng: random.Random, task: str) -> Example:
         d.text((SIZE // 2 + rng.randint(-10, 10), SIZE // 2 + rng.randint(-10, 10)), digit, fill=ink, font=font,
                anchor="mm")
         return Example(img, "What number is written?", digit, task)
+    if task == "shape":
+        shape, r = rng.choice(SHAPES), rng.randint(12, 24)
+        (x, y), = _free_spots(rng, 1, r)
+        _draw_shape(d, shape, x, y, r, COLORS[rng.choice(list(COLORS))])
+        return Example(img, "What shape is it?", shape, task)
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -102,11 +110,12 @@ def task_cycle(weights: dict[str, int] | None = None) -> tuple[str, ...]:
     (training leans on the tasks that take longest to learn; the held-out split stays even)."""
     if not weights:
         return TASKS
-    unknown = set(weights) - set(TASKS)
+    known = TASKS + NEW_TASKS
+    unknown = set(weights) - set(known)
     if unknown:
-        raise ValueError(f"unknown task(s) {sorted(unknown)}; tasks are {', '.join(TASKS)}")
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; tasks are {', '.join(known)}")
     rounds = max(weights.values())
-    return tuple(t for r in range(rounds) for t in TASKS if weights.get(t, 0) > r)
+    return tuple(t for r in range(rounds) for t in known if weights.get(t, 0) > r)
 
 
 def examples(n: int, seed: int, cycle: tuple[str, ...] = TASKS) -> list[Example]:
@@ -115,17 +124,30 @@ def examples(n: int, seed: int, cycle: tuple[str, ...] = TASKS) -> list[Example]
     return [example(rng, cycle[i % len(cycle)]) for i in range(n)]
 
 
-def write_split(folder: Path, n: int = 200, seed: int = HELDOUT_SEED) -> Path:
-    """PNG files + questions.json ([{image, question, answer, task}]) for pocketvlm check / demo."""
-    folder = Path(folder)
+def _save_examples(folder: Path, items: list[Example]) -> list[dict]:
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    items = []
-    for i, ex in enumerate(examples(n, seed)):
+    rows = []
+    for i, ex in enumerate(items):
         name = f"images/{i:03d}-{ex.task}.png"
         ex.image.save(folder / name, optimize=True)
-        items.append({"image": name, "question": ex.question, "answer": ex.answer, "task": ex.task})
-    (folder / "questions.json").write_text(json.dumps(items, indent=1) + "\n")
+        rows.append({"image": name, "question": ex.question, "answer": ex.answer, "task": ex.task})
+    return rows
+
+
+def write_split(folder: Path, n: int = 200, seed: int = HELDOUT_SEED, cycle: tuple[str, ...] = TASKS) -> Path:
+    """PNG files + questions.json ([{image, question, answer, task}]) for pocketvlm check / demo."""
+    folder = Path(folder)
+    rows = _save_examples(folder, examples(n, seed, cycle))
+    (folder / "questions.json").write_text(json.dumps(rows, indent=1) + "\n")
     return folder / "questions.json"
+
+
+def write_finetune_data(folder: Path, n: int, seed: int, cycle: tuple[str, ...]) -> Path:
+    """PNG files + data.jsonl (one {image, question, answer, task} per line): a `pocketvlm finetune --data` set."""
+    folder = Path(folder)
+    rows = _save_examples(folder, examples(n, seed, cycle))
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "data.jsonl"
 
 
 if __name__ == "__main__":
