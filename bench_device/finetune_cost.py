@@ -96,7 +96,7 @@ def worker(spec: dict) -> dict:
 
 def ensure_model(models: Path, preset: str) -> Path:
     from pocketvlm.manifest import read_manifest
-    from pocketvlm.models import make_model
+    from pocketvlm.make_model import make_model
 
     folder = models / preset
     if not (folder.is_dir() and read_manifest(folder)):

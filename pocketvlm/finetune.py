@@ -538,7 +538,7 @@ def finetune(base: str, data, out, *, rank: int | None = None, alpha: float | No
     from transformers import SmolVLMForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    from pocketvlm.export import source_record
+    from pocketvlm.artifact import source_record
 
     hf_logging.disable_progress_bar()  # our bars own the terminal
     if threads:

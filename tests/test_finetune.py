@@ -140,9 +140,9 @@ def test_force_only_replaces_an_earlier_pocketvlm_output(tiny_model, tmp_path):
     assert_user_error(finetune_cli(tiny_model, data, other), "already exists and is not empty; pass --force")
     assert_user_error(finetune_cli(tiny_model, data, other, "--force"), "not a pocketvlm output")
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
-    assert_user_error(finetune_cli(tiny_model, data, tiny_model, "--force"), "is or contains")
-    assert_user_error(finetune_cli(tiny_model, data, tmp_path / "data", "--force"), "is or contains")
-    assert_user_error(finetune_cli(tiny_model, data, tmp_path, "--force"), "is or contains")
+    assert_user_error(finetune_cli(tiny_model, data, tiny_model, "--force"), "is the source")
+    assert_user_error(finetune_cli(tiny_model, data, tmp_path / "data", "--force"), "is the source", "holds it")
+    assert_user_error(finetune_cli(tiny_model, data, tmp_path, "--force"), "is the source", "holds it")
 
     out = tmp_path / "out"
     first = finetune_cli(tiny_model, data, out)
