@@ -130,9 +130,11 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
           kwh_price: float | None = None, device_cost: float | None = None, amortize_months: int = 24,
           out: Path | None = None, with_plots: bool = True, device_label: str | None = None,
           threads: int | None = None, progress: bool = True, cloud_options: dict | None = None,
-          today: dt.date | None = None) -> dict:
+          today: dt.date | None = None, image_sizes: list[int] | None = None) -> dict:
     """Measure every artifact, then the cloud leg (`cloud`: a provider name from the price data, "default" for
-    the data's default, None for no cloud leg); `today` (default: the run's date) decides what is retired."""
+    the data's default, None for no cloud leg); `today` (default: the run's date) decides what is retired.
+    image_sizes: the image budgets to measure each artifact at (a sweep: one worker per artifact and size, each
+    variant id suffixed @size); None: each artifact's own."""
     from tqdm import tqdm
 
     if runs < 1 or warmup < 0 or max_tokens < 2:
@@ -140,6 +142,9 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
     for a in artifacts:
         if not Path(a).exists():
             raise PocketVLMError(f"{a}: no such artifact or model folder")
+    from pocketvlm.prompt import check_image_size
+
+    sizes = [check_image_size(s) for s in image_sizes] if image_sizes else [None]
     plan = (cloud_api.plan_cloud(cloud, path=providers_file, model=cloud_model, base_url=cloud_base_url, today=today)
             if cloud else None)
     # a malformed key is the user's to fix: one line now, not after the edge leg has run for minutes
@@ -147,20 +152,23 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
     device = describe_device(device_label)
     results = {"schema": report.SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "devices": [device], "variants": [], "records": [], "cloud": [],
-               "settings": {"question": question, "runs": runs, "warmup": warmup, "max_tokens": max_tokens}}
+               "settings": {"question": question, "runs": runs, "warmup": warmup, "max_tokens": max_tokens,
+                            "image_sizes": image_sizes}}
     with tempfile.TemporaryDirectory(prefix="pocketvlm-bench-") as scratch:
         images = bench_images(images_dir, Path(scratch))
         results["settings"]["images"] = [p.name for p in images]
         per_leg = len(images) * runs
-        bar = tqdm(total=per_leg * (len(artifacts) + (1 if plan else 0)), unit="run", disable=not progress,
-                   file=sys.stderr)
-        for artifact in artifacts:
-            bar.set_description(f"edge {Path(artifact).name}")
+        bar = tqdm(total=per_leg * (len(artifacts) * len(sizes) + (1 if plan else 0)), unit="run",
+                   disable=not progress, file=sys.stderr)
+        for artifact, size in [(a, s) for a in artifacts for s in sizes]:
+            bar.set_description(f"edge {Path(artifact).name}" + (f" @{size}px" if size else ""))
             got = edge.measure(Path(artifact), images=images, question=question, runs=runs, warmup=warmup,
-                               max_tokens=max_tokens, threads=threads, on_run=lambda _: bar.update())
+                               max_tokens=max_tokens, threads=threads, image_size=size, on_run=lambda _: bar.update())
             variant = got["variant"]
             variant["device"] = device["id"]
             base = f"{variant.get('backend', 'failed')}-{variant.get('quant', Path(artifact).name)}"
+            if image_sizes:
+                base += f"@{size}"
             taken = {v["id"] for v in results["variants"]}
             variant["id"] = base if base not in taken else f"{base}-{len(taken)}"
             if variant.get("decode_weight_bytes") and device["memory_bandwidth_gbs"]:
@@ -199,10 +207,31 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
                     bar.write(f"pocketvlm: cloud leg: {message}", file=sys.stderr)
             results["cloud"].append(block)
         bar.close()
+    agreement(results)
     results["costs"] = cost_table(results, power_w, kwh_price, device_cost, amortize_months)
     if out:
         report.write(results, Path(out), with_plots=with_plots)
     return results
+
+
+def agreement(results: dict) -> None:
+    """Each variant's generated tokens against the reference's at the same image budget (where the reference was
+    benched too): the share of positions that agree, over the first run of every image. Set on the variant."""
+    def tokens(variant_id):
+        return {r["image"]: r["token_ids"] for r in results["records"]
+                if r["variant"] == variant_id and r.get("token_ids") is not None}
+
+    refs = {v.get("image_size"): tokens(v["id"]) for v in results["variants"] if v.get("backend") == "reference"}
+    for v in results["variants"]:
+        ref = refs.get(v.get("image_size"))
+        if not ref or "error" in v:
+            continue
+        same = total = 0
+        for image, ids in tokens(v["id"]).items():
+            if image in ref:
+                same += sum(a == b for a, b in zip(ids, ref[image]))
+                total += max(len(ids), len(ref[image]))
+        v["agreement"] = same / total if total else None
 
 
 def cost_table(results: dict, power_w, kwh_price, device_cost, amortize_months) -> dict:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 
 def measure(artifact: Path, *, images: list[Path], question: str, runs: int, warmup: int, max_tokens: int,
-            threads: int | None = None, on_run=None) -> dict:
+            threads: int | None = None, image_size: int | None = None, on_run=None) -> dict:
     """Run the worker; returns {"variant": {...}, "runs": [...]} or {"variant": {...,"error": msg}, "runs": []}."""
     spec = {"artifact": str(artifact), "images": [str(p) for p in images], "question": question, "runs": runs,
-            "warmup": warmup, "max_tokens": max_tokens, "threads": threads}
+            "warmup": warmup, "max_tokens": max_tokens, "threads": threads, "image_size": image_size}
     proc = subprocess.Popen([sys.executable, "-m", "pocketvlm.bench_device.worker", json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     variant = {"artifact": str(artifact)}

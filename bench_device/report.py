@@ -54,8 +54,10 @@ def summarize(results: dict) -> list[dict]:
         row = {"variant": v["id"], "device": v["device"], "backend": v.get("backend"), "quant": v.get("quant"),
                "size_bytes": v.get("size_bytes"), "load_s": v.get("load_s"),
                "peak_rss_bytes": v.get("peak_rss_bytes"), "roofline_tok_s": v.get("roofline_tok_s"),
-               "error": v.get("error"), "note": (v.get("describe") or {}).get("note")}
-        for m in METRICS:
+               "error": v.get("error"), "note": (v.get("describe") or {}).get("note"),
+               "image_size": v.get("image_size"), "agreement": v.get("agreement"),
+               "base": v["id"].split("@")[0]}
+        for m in METRICS + ("prompt_tokens", "image_tiles"):
             row[m] = stats(r.get(m) for r in recs)
         if row["decode_tok_s"] and row["roofline_tok_s"]:
             row["roofline_fraction"] = row["decode_tok_s"]["median"] / row["roofline_tok_s"]
@@ -131,6 +133,18 @@ def markdown(results: dict) -> str:
     lines += ["", "Roofline: decode tok/s ÷ (memory bandwidth ÷ weight bytes read per token) — the physical ceiling "
               "of decode on this device."]
     lines += [f"- {n}" for n in sorted(notes)]
+    if s.get("image_sizes"):
+        lines += ["", "## Image budget (--image-size)", "",
+                  "The longest edge images are resized to before tiling: fewer tiles, fewer prompt tokens, a "
+                  "shorter time to first token. Agreement: the share of generated tokens equal to the reference's "
+                  "at the same budget.", "",
+                  "| device | variant | image size | tiles | prompt tokens | TTFT s | peak RSS | agreement |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sorted((r for r in rows if not r["error"]), key=lambda r: (r["base"], r["image_size"] or 0)):
+            agree = _fmt(r["agreement"] if r["agreement"] is None else 100 * r["agreement"], ".1f", "%")
+            lines.append(f"| {r['device']} | {r['base']} | {_fmt(r['image_size'], 'd', ' px')} | "
+                         f"{_stat(r['image_tiles'], '.0f')} | {_stat(r['prompt_tokens'], '.0f')} | "
+                         f"{_stat(r['ttft_s'])} | {_mb(r['peak_rss_bytes'])} | {agree} |")
     lines += ["", "## Cloud", ""]
     if not results["cloud"]:
         lines.append("No cloud leg in this run.")
@@ -249,6 +263,8 @@ def plots(results: dict, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
+    if results.get("settings", {}).get("image_sizes"):
+        written.append(_budget_plot(rows, out, plt))
     costs = results.get("costs", {})
     cost_rows = [r for r in costs.get("rows", []) if r.get("cloud_per_query") is not None]
     if cost_rows:
@@ -275,6 +291,27 @@ def plots(results: dict, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _budget_plot(rows: list[dict], out: Path, plt) -> Path:
+    """TTFT and peak RSS against the image budget, one line per variant: the trade-off --image-size makes."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    for base in sorted({r["base"] for r in rows}):
+        mine = sorted((r for r in rows if r["base"] == base and r["image_size"]), key=lambda r: r["image_size"])
+        sizes = [r["image_size"] for r in mine]
+        ax.plot(sizes, [r["ttft_s"]["median"] for r in mine], marker="o", label=base)
+        bx.plot(sizes, [(r["peak_rss_bytes"] or 0) / 1e9 for r in mine], marker="o", label=base)
+    for axis, what in ((ax, "time to first token, s"), (bx, "peak RSS, GB")):
+        axis.set_xlabel("--image-size, px (longest edge before tiling)")
+        axis.set_ylabel(what)
+        axis.legend(fontsize=7)
+    ax.set_title("Image budget: time to first token")
+    bx.set_title("Image budget: peak memory")
+    fig.tight_layout()
+    path = out / "image_budget.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write(results: dict, out: Path, *, with_plots: bool = True) -> list[Path]:

@@ -45,13 +45,15 @@ def main(spec: dict) -> int:
     try:
         images = [(Path(p).name, open_image(p)) for p in spec["images"]]
         start = time.perf_counter()
-        backend = open_backend(spec["artifact"], threads=spec.get("threads"), torch_free=True)
+        backend = open_backend(spec["artifact"], threads=spec.get("threads"), torch_free=True,
+                               image_size=spec.get("image_size"))
         open_s = time.perf_counter() - start
     except PocketVLMError as e:
         _emit(event="error", message=str(e))
         return 2
     info = backend.describe()
     _emit(event="loaded", backend=backend.name, quant=backend.quant, load_s=backend.load_s, open_s=open_s,
+          image_size=backend.processor.config.longest_edge,
           size_bytes=_size_on_disk(Path(spec["artifact"])), describe=info,
           decode_weight_bytes=info.get("decode_weight_bytes"), rss_after_load_bytes=_peak_rss_bytes(),
           torch_loaded=sys.modules.get("torch") is not None)
@@ -64,7 +66,9 @@ def main(spec: dict) -> int:
             t = result.timings
             _emit(event="run", image=name, run=run, encode_s=t.encode_s, ttft_s=t.ttft_s,
                   prefill_tok_s=t.prefill_tok_s, decode_tok_s=t.decode_tok_s, e2e_s=t.total_s,
-                  prompt_tokens=result.prompt_tokens, generated_tokens=len(result.token_ids))
+                  prompt_tokens=result.prompt_tokens, generated_tokens=len(result.token_ids),
+                  image_tiles=result.image_tiles, image_tokens=result.image_tokens,
+                  **({"token_ids": result.token_ids} if run == 0 else {}))
     _emit(event="done", peak_rss_bytes=_peak_rss_bytes())
     return 0
 

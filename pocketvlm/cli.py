@@ -50,6 +50,48 @@ IMAGE_SIZE_HELP = ("image budget: the longest edge, in px, images are resized to
                    "is one tile there, ~13x fewer image tokens; 1536 / 384 at 2.2B)")
 
 
+def image_sizes_arg(text: str) -> list[int]:
+    sizes = [image_size_arg(part.strip()) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError("give at least one size, e.g. 512,1024,2048")
+    return sorted(set(sizes))
+
+
+class OneSize(argparse.Action):
+    """--image-size on bench: a sweep of one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [values])
+
+
+def confidence_arg(text: str) -> float:
+    from .router import check_min_confidence
+
+    try:
+        return check_min_confidence(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1") from None
+    except PocketVLMError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_fallback_arguments(p) -> None:
+    """The router's flags (ask and serve): on the device first, a cloud API only for unsure answers."""
+    g = p.add_argument_group("cloud fallback (opt-in: nothing leaves this machine without --fallback)")
+    g.add_argument("--fallback", metavar="PROVIDER",
+                   help="send a question the device is unsure about to this provider from the price data "
+                        "(e.g. mistral-medium-3.5, openai-compatible); the question and its images only")
+    g.add_argument("--min-confidence", type=confidence_arg, metavar="X",
+                   help="escalate when the device's confidence in its answer (the least probable answer token's "
+                        "probability) is below X: 0 never escalates, 1 always (default 0.5)")
+    g.add_argument("--fallback-model", metavar="ID", help="the provider's model id to call, as given")
+    g.add_argument("--fallback-base-url", metavar="URL", help="the provider's API base URL (e.g. another "
+                                                                 "pocketvlm serve)")
+    g.add_argument("--providers", metavar="FILE", help="a providers JSON file instead of the built-in price data")
+    g.add_argument("--no-cloud", action="store_true",
+                   help="guarantee nothing leaves this machine (refuses --fallback; also POCKETVLM_OFFLINE=1)")
+
+
 def _make_model(args) -> int:
     from .make_model import make_model
 
@@ -62,13 +104,18 @@ def _make_model(args) -> int:
 def _ask(args) -> int:
     from .media import check_file, load_video, open_image
     from .prompt import Request
+    from .router import Fallback, log_line, route
     from .runtime import open_backend
 
     if args.max_tokens < 1:
         raise PocketVLMError("--max-tokens must be at least 1")
     if args.image and args.video:
         raise PocketVLMError("pass --image or --video, not both")
-    images = [open_image(p) for p in args.image]  # before the (slow) model load, so a typo fails at once
+    # every refusal before the (slow) model load: a typo in an image path or a fallback that cannot work
+    fallback = Fallback.configure(args.fallback, model=args.fallback_model, base_url=args.fallback_base_url,
+                                  providers_file=args.providers, min_confidence=args.min_confidence,
+                                  no_cloud=args.no_cloud)
+    images = [open_image(p) for p in args.image]
     if args.video:
         check_file(args.video, "a video")
     backend = open_backend(args.model, threads=args.threads, torch_free=True, image_size=args.image_size)
@@ -83,11 +130,24 @@ def _ask(args) -> int:
             sys.stdout.write(step.text)
             sys.stdout.flush()
 
-    result = backend.run(request, args.max_tokens, ignore_eos=args.ignore_eos,
-                         on_step=None if args.json else show)
+    if args.ignore_eos and fallback:
+        raise PocketVLMError("--ignore-eos is for timing a model; it does not go with --fallback")
+    # with a fallback the answer is known only once the device has finished: it is printed whole, not streamed
+    streaming = not args.json and fallback is None
+    if args.ignore_eos:
+        result = backend.run(request, args.max_tokens, ignore_eos=True, on_step=show if streaming else None)
+        routed = None
+    else:
+        routed = route(backend, request, args.max_tokens, fallback, on_step=show if streaming else None)
+        result = routed.device
+        if fallback is not None:
+            print(f"pocketvlm: {log_line(routed, len(images))}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"model": str(args.model), **result.to_json()}, indent=2))
+        print(json.dumps({"model": str(args.model), **result.to_json(),
+                          **({"answer": routed.answer, **routed.to_json()} if routed else {})}, indent=2))
         return 0
+    if not streaming:
+        sys.stdout.write(routed.answer)
     print()
     t = result.timings
     parts = [f"{result.backend} {result.quant}", f"load {t.load_s:.2f}s"]
@@ -101,6 +161,8 @@ def _ask(args) -> int:
         parts.append(f"prefill {t.prefill_tok_s:.0f} tok/s ({result.prompt_tokens} tok)")
     if t.decode_tok_s:
         parts.append(f"decode {t.decode_tok_s:.1f} tok/s ({len(result.token_ids)} tok)")
+    if routed:
+        parts.append(f"confidence {routed.confidence:.2f}")
     print("[" + " · ".join(parts) + "]", file=sys.stderr)
     return 0
 
@@ -147,10 +209,40 @@ def _bench(args) -> int:
                     cloud_base_url=args.cloud_base_url, providers_file=args.providers, power_w=args.power_w,
                     kwh_price=args.kwh_price, device_cost=args.device_cost, amortize_months=args.amortize_months,
                     out=Path(args.out) if args.out else None, with_plots=not args.no_plots,
-                    device_label=args.device_label, threads=args.threads, progress=not args.quiet)
+                    device_label=args.device_label, threads=args.threads, progress=not args.quiet,
+                    image_sizes=args.image_sizes)
     print(report.markdown(results))
     if args.out:
         print(f"wrote {args.out}/results.json, report.md and plots", file=sys.stderr)
+    return 0
+
+
+def _bench_router(args) -> int:
+    from pocketvlm.bench_device import router as sweep
+    from pocketvlm.router import Fallback
+
+    if args.fallback is None:
+        raise PocketVLMError("bench router needs --fallback PROVIDER: the cloud it would escalate to")
+    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+        raise PocketVLMError(f"--target-accuracy {args.target_accuracy}: give a share from 0 to 1")
+    fallback = Fallback.configure(args.fallback, model=args.fallback_model, base_url=args.fallback_base_url,
+                                  providers_file=args.providers, no_cloud=args.no_cloud)
+    thresholds = sweep.DEFAULT_THRESHOLDS
+    if args.thresholds:
+        from pocketvlm.router import check_min_confidence
+
+        try:
+            thresholds = sorted({check_min_confidence(float(t)) for t in args.thresholds.split(",")})
+        except ValueError:
+            raise PocketVLMError(f"--thresholds {args.thresholds!r}: give numbers from 0 to 1, comma-separated") \
+                from None
+    results = sweep.run(args.model, fallback, samples_file=Path(args.samples) if args.samples else None,
+                        thresholds=thresholds, target_accuracy=args.target_accuracy, max_tokens=args.max_tokens,
+                        out=Path(args.out) if args.out else None, threads=args.threads,
+                        image_size=args.image_size, progress=not args.quiet)
+    print(sweep.markdown(results))
+    if args.out:
+        print(f"wrote {args.out}/results.json, report.md, router.png", file=sys.stderr)
     return 0
 
 
@@ -241,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="always generate --max-tokens tokens (for timing random-weight models)")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the engine's choice)")
     p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP)
+    add_fallback_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: answer, token_ids, token_probs, image_tiles, image_tokens, backend, "
                         "quant, timings")
@@ -295,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_verb.add_arguments(p)
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for the engine")
     p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP)
+    add_fallback_arguments(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(
@@ -352,11 +446,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amortize-months", type=int, default=24, help="months the device cost is spread over (24)")
     p.add_argument("--device-label", help="name for this device in merged reports")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for the engines")
+    p.add_argument("--image-size", type=image_size_arg, metavar="PX", dest="image_sizes",
+                   action=OneSize, help=IMAGE_SIZE_HELP)
+    p.add_argument("--image-sizes", type=image_sizes_arg, metavar="PX,PX,...",
+                   help="sweep the image budget: measure every artifact at each size (e.g. 512,1024,2048) and report "
+                        "TTFT, prompt tokens, peak RSS and agreement with the reference at each, with a plot")
     p.add_argument("--out", help="write results.json, report.md and PNG plots here")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
 
+
+    p = bench_sub.add_parser(
+        "router", help="sweep the router's --min-confidence on labelled questions: accuracy, share escalated, cost",
+        description="Answer every labelled question on the device (with its confidence) and once in the cloud "
+                    "(--fallback), then for each --min-confidence threshold: accuracy, share escalated, $ per 1k "
+                    "queries, p50/p95 latency, and the threshold that reaches --target-accuracy at least cost. "
+                    "Writes results.json, report.md and router.png (accuracy against cost) with --out.")
+    p.add_argument("model", help="the on-device model or artifact")
+    p.add_argument("--samples", help="JSON list of {image, question, answer} (default: the held-out split)")
+    p.add_argument("--thresholds", help="comma-separated thresholds from 0 to 1 (default: 0, 0.1, ..., 0.9, 0.95, "
+                                        "0.99, 1)")
+    p.add_argument("--target-accuracy", type=float, default=0.95,
+                   help="the accuracy to reach at least cost (default 0.95)")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens per answer (default 8)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for the engine")
+    p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP)
+    p.add_argument("--out", help="write results.json, report.md and router.png here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_fallback_arguments(p)
+    p.set_defaults(func=_bench_router)
 
     p = bench_sub.add_parser(
         "report", help="merge results.json files from several devices into one report",
@@ -401,7 +520,7 @@ def _default_subcommands(argv: list[str]) -> list[str]:
     command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if command is not None and argv[command] == "bench":
         rest = argv[command + 1:]
-        if rest and rest[0] not in ("run", "report", "-h", "--help"):
+        if rest and rest[0] not in ("run", "report", "router", "-h", "--help"):
             argv.insert(command + 1, "run")
     return argv
 

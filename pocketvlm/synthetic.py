@@ -26,7 +26,9 @@ POSITIONS = ("left", "right", "top", "bottom")
 TASKS = ("color", "count", "position", "number")  # what the micro model is trained on (and its held-out split)
 # Tasks the micro model never saw: what `pocketvlm finetune`'s proof teaches it (its answers are words the model
 # has only read in questions, never said).
-NEW_TASKS = ("shape",)
+NEW_TASKS = ("shape", "french")
+# the "french" task: the colours the micro model knows, asked for in words it has never produced
+FRENCH = {"red": "rouge", "green": "vert", "blue": "bleu", "yellow": "jaune", "purple": "violet", "orange": "orange"}
 GRID = 4  # count task: shapes in distinct cells of a GRID x GRID layout
 TRAIN_SEED, HELDOUT_SEED = 1, 2  # disjoint streams: the held-out pictures are never trained on
 
@@ -66,10 +68,12 @@ def _free_spots(rng: random.Random, n: int, r: int) -> list[tuple[int, int]]:
 def example(rng: random.Random, task: str) -> Example:
     img = Image.new("RGB", (SIZE, SIZE), _background(rng))
     d = ImageDraw.Draw(img)
-    if task == "color":
+    if task in ("color", "french"):
         shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
         (x, y), = _free_spots(rng, 1, 18)
         _draw_shape(d, shape, x, y, rng.randint(14, 22), COLORS[color])
+        if task == "french":
+            return Example(img, f"What color is the {shape}, in French?", FRENCH[color], task)
         return Example(img, f"What color is the {shape}?", color, task)
     if task == "count":
         # Shapes sit in distinct cells of a jittered 4x4 grid: the micro model sees a 128 px picture as 4x4 image

@@ -260,6 +260,7 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of answer) or "length" (max_tokens or the context window)
+    routing: dict | None = None  # with a fallback: route, confidence, reason, cost (router.Routed.to_json)
 
 
 def decode_images(call: ChatCall) -> list:
@@ -274,11 +275,16 @@ def decode_images(call: ChatCall) -> list:
     return images
 
 
-def answer(backend: "Backend", call: ChatCall, on_text: Callable[[str], None] | None = None) -> Answer:
+def answer(backend: "Backend", call: ChatCall, on_text: Callable[[str], None] | None = None,
+           fallback=None, log: Callable[[str], None] | None = None) -> Answer:
     """Decode the images and run the backend: call it under the server's concurrency bound (it costs memory
     and compute). on_text gets the answer as it streams, leading space removed. User errors (a prompt longer
-    than the context, an image PIL cannot decode) raise PocketVLMError before on_text is first called."""
+    than the context, an image PIL cannot decode) raise PocketVLMError before on_text is first called.
+
+    With a fallback (pocketvlm.router), the device answers first and an unsure answer is sent to the cloud; the
+    answer is known only then, so on_text gets it whole, once."""
     from pocketvlm.prompt import Request
+    from pocketvlm.router import log_line, route
 
     request = Request(call.question, images=decode_images(call))
     cfg = backend.processor.config
@@ -294,9 +300,19 @@ def answer(backend: "Backend", call: ChatCall, on_text: Callable[[str], None] | 
         if piece:
             on_text(piece)
 
-    result = backend.run(request, max_tokens, on_step=on_step if on_text else None)
+    if fallback is None:
+        result = backend.run(request, max_tokens, on_step=on_step if on_text else None)
+        ended = bool(result.token_ids) and result.token_ids[-1] in backend.processor.eos_token_ids
+        return Answer(result.answer, result.prompt_tokens, len(result.token_ids), "stop" if ended else "length")
+    routed = route(backend, request, max_tokens, fallback)
+    if log:
+        log(log_line(routed, len(request.images or [])))
+    result = routed.device
     ended = bool(result.token_ids) and result.token_ids[-1] in backend.processor.eos_token_ids
-    return Answer(result.answer, result.prompt_tokens, len(result.token_ids), "stop" if ended else "length")
+    finish = "stop" if ended or routed.route == "cloud" else "length"
+    if on_text and routed.answer:
+        on_text(routed.answer)
+    return Answer(routed.answer, result.prompt_tokens, len(result.token_ids), finish, routed.to_json())
 
 
 def _usage(a: Answer) -> dict:
@@ -305,11 +321,14 @@ def _usage(a: Answer) -> dict:
 
 
 def completion_body(model_id: str, a: Answer) -> dict:
-    return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
+    body = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
             "model": model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text},
                          "finish_reason": a.finish_reason}],
             "usage": _usage(a)}
+    if a.routing is not None:  # an extension field: where the answer came from (clients ignore unknown fields)
+        body["pocketvlm"] = a.routing
+    return body
 
 
 def chunk_body(cid: str, created: int, model_id: str, delta: dict, finish: str | None = None,
@@ -324,8 +343,11 @@ def chunk_body(cid: str, created: int, model_id: str, delta: dict, finish: str |
 class ChatService:
     """The model behind the endpoint: parse -> answer, one answer at a time."""
 
-    def __init__(self, backend: "Backend", model_id: str | None = None, *, pixel_budget: int | None = None):
+    def __init__(self, backend: "Backend", model_id: str | None = None, *, pixel_budget: int | None = None,
+                 fallback=None, log: Callable[[str], None] | None = None):
         self.backend = backend
+        self.fallback = fallback  # pocketvlm.router.Fallback: unsure answers go to the cloud
+        self.log = log
         self.model_id = model_id or backend.name
         self.limits = Limits.for_backend(backend, pixel_budget)
         # One lock bounds both image decoding and inference: a queue of big images costs memory one at a time.
@@ -336,7 +358,7 @@ class ChatService:
 
     def answer(self, call: ChatCall, on_text: Callable[[str], None] | None = None) -> Answer:
         with self.lock:
-            return answer(self.backend, call, on_text)
+            return answer(self.backend, call, on_text, self.fallback, self.log)
 
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "owned_by": "pocketvlm"}
@@ -580,7 +602,12 @@ def make_handler(service: ChatService, access: Access) -> type[httpd.Handler]:
                 event({"error": {"message": str(e), "type": "invalid_request_error"}})
                 self.close_connection = True
                 return
-            send({}, result.finish_reason, _usage(result))
+            last = chunk_body(cid, created, model, {}, result.finish_reason, _usage(result))
+            if result.routing is not None:
+                last["pocketvlm"] = result.routing
+            if not started:  # an empty answer: the status and the role still go out first
+                send({"content": ""})
+            event(last)
             self.wfile.write(b"data: [DONE]\n\n")
             self.close_connection = True
 
@@ -603,7 +630,7 @@ def check_api_key(key: str) -> str:
 def make_server(backend: "Backend", host: str = "127.0.0.1", port: int = 8000, *, model_id: str | None = None,
                 api_key: str | None = None, insecure: bool = False, allow_hosts=(), allow_origins=(),
                 pixel_budget: int | None = None, workers: int = 8, max_connections: int = 128,
-                timeout: float = 30.0) -> httpd.HTTPServer:
+                timeout: float = 30.0, fallback=None, log: Callable[[str], None] | None = None) -> httpd.HTTPServer:
     """The endpoint over BACKEND, bound and ready for serve_forever(). Refuses a non-loopback address without an
     API key unless insecure."""
     bind = httpd.parse_bind_host(host)
@@ -611,7 +638,7 @@ def make_server(backend: "Backend", host: str = "127.0.0.1", port: int = 8000, *
         check_api_key(api_key)
     check_exposure(bind, api_key, insecure)
     access = Access(bind, api_key=api_key, allow_hosts=allow_hosts, allow_origins=allow_origins)
-    service = ChatService(backend, model_id, pixel_budget=pixel_budget)
+    service = ChatService(backend, model_id, pixel_budget=pixel_budget, fallback=fallback, log=log)
     return httpd.HTTPServer(bind, httpd.parse_port(port), make_handler(service, access), workers=workers,
                             max_connections=max_connections, request_timeout=timeout, idle_timeout=timeout)
 
@@ -680,13 +707,21 @@ def main(args) -> int:
     workers = int(_number(args.workers, "--workers", int, 1, 256))
     timeout = _number(args.timeout, "--timeout", float, 0.1, 3600)
     Access(bind, allow_hosts=args.allow_host, allow_origins=args.allow_origin)  # their errors before the load
+    from pocketvlm.router import Fallback
+
+    fallback = Fallback.configure(getattr(args, "fallback", None), model=getattr(args, "fallback_model", None),
+                                  base_url=getattr(args, "fallback_base_url", None),
+                                  providers_file=getattr(args, "providers", None),
+                                  min_confidence=getattr(args, "min_confidence", None),
+                                  no_cloud=getattr(args, "no_cloud", False))
 
     backend = open_backend(args.model, threads=getattr(args, "threads", None), torch_free=True,
                            image_size=getattr(args, "image_size", None))
     server = make_server(backend, bind.host, port, model_id=args.model_id, api_key=api_key,
                          insecure=args.insecure, allow_hosts=args.allow_host, allow_origins=args.allow_origin,
                          pixel_budget=budget or None, workers=workers, max_connections=max(128, 4 * workers),
-                         timeout=timeout)
+                         timeout=timeout, fallback=fallback,
+                         log=lambda line: print(f"pocketvlm: {line}", file=sys.stderr, flush=True))
     port = server.server_address[1]
     shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(bind.host, bind.url_host())
 
@@ -705,4 +740,7 @@ def main(args) -> int:
                 f"instead")
     elif not bind.loopback:
         say(f"warning: no API key (--insecure): anyone who can reach port {port} can use the model")
+    if fallback:
+        say(f"answers below confidence {fallback.min_confidence:g} go to {fallback.provider.model} at "
+            f"{fallback.provider.base_url} (each such request is logged here)")
     return httpd.serve_until_interrupted(server)

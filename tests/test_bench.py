@@ -184,3 +184,31 @@ def test_bench_report_still_reads_schema_1_results(bench_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     md = (tmp_path / "merged" / "report.md").read_text()
     assert md.count("measured: TTFT") == 2 and "## Cost" in md
+
+
+def test_an_image_budget_sweep_reports_tiles_tokens_memory_and_agreement(tiny_model, mlx_fp16, tmp_path):
+    """bench --image-sizes: each artifact at each budget in its own worker; fewer tiles and prompt tokens at the
+    smaller one, agreement measured against the reference at the same budget, and a plot of the trade-off."""
+    out = tmp_path / "sweep"
+    proc = run_cli("bench", tiny_model, mlx_fp16, "--image-sizes", "64,128", "--runs", 1, "--warmup", 0,
+                   "--max-tokens", 3, "--cloud", "none", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    ids = [v["id"] for v in results["variants"]]
+    assert ids == ["reference-fp32@64", "reference-fp32@128", "mlx-fp16@64", "mlx-fp16@128"]
+    by_id = {v["id"]: v for v in results["variants"]}
+    assert by_id["reference-fp32@64"]["image_size"] == 64 and by_id["mlx-fp16@128"]["image_size"] == 128
+    assert by_id["reference-fp32@64"]["agreement"] == 1.0  # the reference against itself
+    assert 0.0 <= by_id["mlx-fp16@64"]["agreement"] <= 1.0
+    tiles = {(r["variant"], r["image"]): r["image_tiles"] for r in results["records"]}
+    for (variant, image), n in tiles.items():
+        if variant.endswith("@64"):
+            assert n == 1, (variant, image)
+            big = tiles[(variant.replace("@64", "@128"), image)]
+            assert big >= n
+    prompt = {r["variant"]: r["prompt_tokens"] for r in results["records"] if r["image"] == results["settings"]["images"][0]}
+    assert prompt["reference-fp32@64"] < prompt["reference-fp32@128"]
+    report = (out / "report.md").read_text()
+    assert "## Image budget" in report and "64 px" in report and "128 px" in report
+    assert (out / "image_budget.png").is_file()
+    assert_user_error(run_cli("bench", tiny_model, "--image-sizes", "64,0"), "--image-size")

@@ -1,0 +1,189 @@
+"""Edge first, cloud only when unsure: answer on the device, and send the question to a hosted API only when the
+device's own confidence in its answer is below a threshold.
+
+Confidence is computed from the on-device generation itself, the same way for every backend: the probabilities
+the model gave the tokens of its answer (Step.prob, from the one generation loop in runtime/base.py), up to and
+including its end-of-answer token, reduced by one statistic (STATISTICS; the default chosen by measurement,
+docs/BENCH.md "Router"). It is a number in [0, 1]: `--min-confidence 0` never escalates, `1` always does (unless the
+device's confidence is exactly 1).
+
+Privacy is the point of running on the device, so escalation is opt-in per command (`--fallback`), sends exactly
+the request the user gave (the question and its images, nothing else: no device answer, no history), is logged per
+request (route, reason, cost), and `--no-cloud` (or POCKETVLM_OFFLINE=1) guarantees nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import PocketVLMError
+
+OFFLINE_ENV = "POCKETVLM_OFFLINE"
+
+
+def _min(p: Sequence[float]) -> float:
+    return min(p)
+
+
+def _geometric_mean(p: Sequence[float]) -> float:
+    return math.exp(sum(math.log(max(x, 1e-300)) for x in p) / len(p))
+
+
+def _first(p: Sequence[float]) -> float:
+    return p[0]
+
+
+def _sequence(p: Sequence[float]) -> float:
+    return math.exp(sum(math.log(max(x, 1e-300)) for x in p))
+
+
+# token probabilities of the answer -> confidence in [0, 1]
+STATISTICS: dict[str, Callable[[Sequence[float]], float]] = {
+    "min": _min, "geometric_mean": _geometric_mean, "first": _first, "sequence": _sequence,
+}
+# Chosen by measurement (docs/BENCH.md, "Router: which confidence"): on the held-out split through the weak micro
+# model, the least probable answer token separates right from wrong answers best (AUROC), and it is the one a user
+# can reason about: "some token of this answer was a coin toss".
+DEFAULT_STATISTIC = "min"
+DEFAULT_MIN_CONFIDENCE = 0.5
+
+
+def answer_probs(token_ids: Sequence[int], probs: Sequence[float], eos: set[int]) -> list[float]:
+    """The probabilities of the answer's tokens: up to and including the first end-of-answer token."""
+    end = next((i + 1 for i, t in enumerate(token_ids) if t in eos), len(token_ids))
+    return list(probs[:end])
+
+
+def confidence(token_ids: Sequence[int], probs: Sequence[float], eos: set[int],
+               statistic: str = DEFAULT_STATISTIC) -> float:
+    p = answer_probs(token_ids, probs, eos)
+    if not p:
+        return 0.0
+    return float(min(1.0, max(0.0, STATISTICS[statistic](p))))
+
+
+def check_min_confidence(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0 \
+            or math.isnan(float(value)):
+        raise PocketVLMError(f"--min-confidence {value}: give a number from 0 (never escalate) to 1 (always)")
+    return float(value)
+
+
+def offline() -> bool:
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@dataclass
+class Fallback:
+    """Where unsure questions go: a provider's callable model and its key."""
+
+    plan: object        # bench_device.providers.CloudPlan
+    key: str | None
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    statistic: str = DEFAULT_STATISTIC
+
+    @property
+    def provider(self):
+        return self.plan.call
+
+    @classmethod
+    def configure(cls, name: str | None, *, model: str | None = None, base_url: str | None = None,
+                  providers_file=None, min_confidence: float | None = None, no_cloud: bool = False):
+        """The fallback the flags ask for, or None; every way it cannot work is one line, before any answer."""
+        if name is None:
+            if min_confidence is not None or model or base_url:
+                raise PocketVLMError("--min-confidence, --fallback-model and --fallback-base-url need --fallback "
+                                     "PROVIDER (where unsure questions go)")
+            return None
+        if no_cloud or offline():
+            why = "--no-cloud" if no_cloud else f"{OFFLINE_ENV}=1"
+            raise PocketVLMError(f"--fallback {name} sends questions to a cloud API, and {why} forbids anything "
+                                 f"leaving this machine; drop one of them")
+        from pocketvlm.bench_device import cloud as cloud_api
+
+        plan = cloud_api.plan_cloud(name, path=providers_file, model=model, base_url=base_url)
+        if plan.call is None:
+            raise PocketVLMError(f"--fallback {name}: {plan.requested.name} is retired and the price data names no "
+                                 f"callable successor; pass --fallback-model with a current model id")
+        key = cloud_api.read_key(plan.call.key_env)
+        if key is None and plan.call.dialect == "mistral":
+            raise PocketVLMError(f"--fallback {name} needs an API key in ${plan.call.key_env} (it is not set)")
+        threshold = DEFAULT_MIN_CONFIDENCE if min_confidence is None else check_min_confidence(min_confidence)
+        return cls(plan, key, threshold)
+
+
+@dataclass
+class Routed:
+    """One routed answer: what the user reads and where it came from."""
+
+    answer: str
+    route: str                 # "device" | "cloud"
+    confidence: float          # the device's, in [0, 1]
+    min_confidence: float | None
+    reason: str
+    device: object             # runtime.base.Result: the on-device generation (always run first)
+    cloud_model: str | None = None
+    cost_usd: float | None = None
+    cloud_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"route": self.route, "confidence": self.confidence, "min_confidence": self.min_confidence,
+                "reason": self.reason, "cloud_model": self.cloud_model, "cost_usd": self.cost_usd,
+                "cloud_s": self.cloud_s, "device_answer": self.device.answer}
+
+
+def _png(image) -> bytes:
+    from .media import to_rgb
+
+    buf = io.BytesIO()
+    to_rgb(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def route(backend, request, max_tokens: int, fallback: Fallback | None, *, on_step=None,
+          ask=None) -> Routed:
+    """Answer REQUEST on the device; if a fallback is set and the device's confidence is below its threshold,
+    send the same question and images to the cloud and answer with that. A cloud failure keeps the device's answer
+    and says why (the user still gets an answer, offline-first)."""
+    device = backend.run(request, max_tokens, on_step=on_step)
+    eos = backend.processor.eos_token_ids
+    statistic = fallback.statistic if fallback else DEFAULT_STATISTIC
+    conf = confidence(device.token_ids, device.token_probs, eos, statistic)
+    if fallback is None:
+        return Routed(device.answer, "device", conf, None, "no fallback configured", device)
+    threshold = fallback.min_confidence
+    if conf >= threshold:
+        return Routed(device.answer, "device", conf, threshold, f"confidence {conf:.3f} >= {threshold:g}", device)
+    if request.video is not None:
+        return Routed(device.answer, "device", conf, threshold,
+                      f"confidence {conf:.3f} < {threshold:g}, but a video is not sent to the cloud (images only)",
+                      device)
+    from pocketvlm.bench_device import cloud as cloud_api
+
+    provider = fallback.provider
+    ask = ask or cloud_api.ask
+    try:
+        reply = ask(provider, fallback.key, request.question, [_png(i) for i in request.images or []], max_tokens)
+    except PocketVLMError as e:
+        return Routed(device.answer, "device", conf, threshold,
+                      f"confidence {conf:.3f} < {threshold:g}, but the cloud failed ({' '.join(str(e).split())}); "
+                      f"answered on the device", device)
+    cost = (provider.cost(reply.prompt_tokens, reply.completion_tokens)
+            if reply.prompt_tokens is not None and reply.completion_tokens is not None else None)
+    return Routed(reply.text.strip(), "cloud", conf, threshold,
+                  f"confidence {conf:.3f} < {threshold:g}: escalated to {provider.model}", device,
+                  cloud_model=provider.model, cost_usd=cost, cloud_s=reply.total_s)
+
+
+def log_line(r: Routed, images: int) -> str:
+    """The per-request privacy log: where the answer came from, why, and what it cost."""
+    if r.route == "cloud":
+        cost = f"${r.cost_usd:.6f}" if r.cost_usd is not None else "cost unknown"
+        sent = f"the question{f' and {images} image' + ('s' if images > 1 else '') if images else ''}"
+        return f"route: cloud ({r.reason}; sent {sent} to {r.cloud_model}, {cost})"
+    return f"route: device ({r.reason})"
