@@ -36,7 +36,7 @@ from pocketvlm.models import ModelSource
 ENV_LLAMA_CPP_DIR = "POCKETVLM_LLAMA_CPP_DIR"
 DISTRIBUTION = "llama-cpp-python"
 # What the converter needs from the sdist's vendor/llama.cpp: the script, its model classes, its gguf-py.
-CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE")
 # SmolLM2's pre-tokenizer (split digits one by one, then GPT-2 byte-level regex), as tokenizer.json states it.
 PRETOKENIZER_FALLBACK_NOTE = "so writing tokenizer.ggml.pre = 'smollm'"
 SMOLLM_PRETOKENIZER = [{"type": "Digits", "individual_digits": True},
@@ -77,7 +77,9 @@ def converter_cache_dir(version: str) -> Path:
 
 
 def _is_converter_dir(path: Path) -> bool:
-    return (path / "convert_hf_to_gguf.py").is_file() and (path / "gguf-py" / "gguf" / "__init__.py").is_file()
+    # every script a stage runs (a cache made before the LoRA converter was kept is fetched again)
+    return all((path / name).is_file() for name in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")) and \
+        (path / "gguf-py" / "gguf" / "__init__.py").is_file()
 
 
 def resolve_converter(llama_cpp_dir: str | Path | None = None, *, fetch: bool = True,
@@ -140,22 +142,39 @@ def fetch_converter(version: str | None = None, *, progress: bool = True) -> Pat
             reason = _last_line(proc.stderr + proc.stdout) or f"pip exited {proc.returncode}"
             raise PocketVLMError(f"could not download the {DISTRIBUTION} {version} source distribution that "
                                  f"holds llama.cpp's converter ({reason}); {fix}")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.parent / f"{cache.name}.partial-{secrets.token_hex(4)}"
-        try:
-            _extract_converter(sdists[0], partial)
-            (partial / "pocketvlm-source.json").write_text(json.dumps(
-                {"distribution": DISTRIBUTION, "version": version, "sdist": sdists[0].name}, indent=2) + "\n")
-            try:
-                partial.rename(cache)
-            except OSError:
-                if not _is_converter_dir(cache):  # not a concurrent fetch that won the race
-                    raise
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        install_converter(sdists[0], cache, version)
     if progress:
         print(f"llama.cpp converter cached in {cache}", file=sys.stderr)
     return cache
+
+
+def install_converter(sdist: Path, cache: Path, version: str) -> None:
+    """Extract the converter from `sdist` into `cache` atomically: a partial folder renamed into place, a stale
+    cache (an older pocketvlm kept fewer scripts) set aside and replaced whole, a concurrent fetch tolerated."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.parent / f"{cache.name}.partial-{secrets.token_hex(4)}"
+    stale = None
+    try:
+        _extract_converter(sdist, partial)
+        (partial / "pocketvlm-source.json").write_text(json.dumps(
+            {"distribution": DISTRIBUTION, "version": version, "sdist": sdist.name}, indent=2) + "\n")
+        if cache.exists() and not _is_converter_dir(cache):
+            # a cache from an older pocketvlm (kept fewer scripts): set aside, replaced whole, then removed
+            stale = cache.parent / f"{cache.name}.stale-{secrets.token_hex(4)}"
+            try:
+                cache.rename(stale)
+            except OSError:
+                stale = None  # a concurrent fetch moved it first
+        try:
+            partial.rename(cache)
+        except OSError as e:
+            if not _is_converter_dir(cache):  # not a concurrent fetch that won the race
+                raise PocketVLMError(f"could not put llama.cpp's converter in {cache} "
+                                     f"({e.strerror or e.__class__.__name__}); remove that folder and retry") from e
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _extract_converter(sdist: Path, dest: Path) -> None:
@@ -303,12 +322,66 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool, progress:
     return out
 
 
+# ------------------------------------------------------------------------------------------ LoRA adapters
+
+def _lora_converter_main(root: Path, argv: list[str]) -> int:
+    """Inside the converter subprocess: llama.cpp's convert_lora_to_gguf.py with its own gguf-py."""
+    import runpy
+
+    root = Path(root).resolve()
+    sys.path[:0] = [str(root), str(root / "gguf-py")]
+    sys.argv = [str(root / "convert_lora_to_gguf.py"), *argv]
+    runpy.run_path(str(root / "convert_lora_to_gguf.py"), run_name="__main__")
+    return 0
+
+
+def export_adapter(adapter, base: Path, out: Path, *, force: bool, progress: bool,
+                   llama_cpp_dir: str | None = None) -> Path:
+    """A peft LoRA adapter -> adapter.gguf (llama.cpp's convert_lora_to_gguf.py: only the base's config.json is
+    read, the Hub never), for `ask BASE --adapter OUT`. llama.cpp applies LoRA to the text model only (mtmd's
+    vision encoder takes none), so a vision or connector adapter is refused rather than half-applied."""
+    from pocketvlm.adapters import adapter_record
+
+    skipped = adapter.parts() & {"vision", "connector"}
+    if skipped:
+        raise PocketVLMError(f"{adapter.path} adapts the {' and '.join(sorted(skipped))} too; llama.cpp applies LoRA "
+                             f"to the text model only and would drop those silently: export the merged model "
+                             f"instead (pocketvlm export {adapter.path.parent} --to gguf), or an adapter trained "
+                             f"with --target text")
+    check_output(out, force=force)
+    converter = resolve_converter(llama_cpp_dir, progress=progress)
+    with atomic_output(out, force=force) as tmp:
+        if progress:
+            print(f"converting the LoRA adapter with llama.cpp's convert_lora_to_gguf.py ({converter.origin}) ...",
+                  file=sys.stderr, flush=True)
+        target = tmp / "adapter.gguf"
+        cmd = [sys.executable, "-m", "pocketvlm.export.gguf", "run-lora-converter", str(converter.root), "--",
+               str(adapter.path), "--base", str(base), "--outfile", str(target), "--outtype", "f32"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not target.is_file():
+            raise PocketVLMError(f"llama.cpp's LoRA converter failed on {adapter.path}: "
+                                 f"{_last_line(proc.stderr) or f'exit {proc.returncode}'}")
+        info = read_gguf(target, "LoRA adapter")
+        if info.metadata.get("general.type") != "adapter":
+            raise PocketVLMError(f"llama.cpp's LoRA converter wrote {target.name} without general.type = adapter")
+        write_manifest(tmp, format="gguf", quant="f32", source={"id": str(adapter.path), "revision": None,
+                                                                  "path": str(adapter.path)},
+                       tools={**base_tools(), "converter": converter.origin},
+                       adapter={**adapter_record(adapter, "gguf"), "file": target.name,
+                                "tensors": len(info.tensors)})
+    if progress:
+        print(f"adapter {target.name}: {len(info.tensors)} tensors, rank {adapter.rank}", file=sys.stderr)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- commands
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run-converter"] and len(argv) >= 3 and argv[2] == "--":
         return _converter_main(Path(argv[1]), argv[3:])
+    if argv[:1] == ["run-lora-converter"] and len(argv) >= 3 and argv[2] == "--":
+        return _lora_converter_main(Path(argv[1]), argv[3:])
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pocketvlm.export.gguf",

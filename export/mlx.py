@@ -41,3 +41,51 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, p
         budget = set_image_size(scratch, image_size)  # mlx-vlm copied the source's processor files as they are
         qmlx.finish(scratch, quant, quant_plan, source=source_record(source), keep_vision=keep_vision, **budget)
     return out
+
+
+# mlx-vlm's module paths for SmolVLM (its Idefics3 sanitize: model.text_model -> language_model, ...)
+ADAPTER_PREFIXES = (("model.text_model.", "language_model."), ("model.vision_model.", "vision_model."),
+                    ("model.connector.", "connector."), ("lm_head", "language_model.lm_head"))
+
+
+def mlx_module(peft_module: str) -> str:
+    for prefix, replacement in ADAPTER_PREFIXES:
+        if peft_module.startswith(prefix):
+            return replacement + peft_module[len(prefix):]
+    raise PocketVLMError(f"the adapter adapts {peft_module}, which mlx-vlm's SmolVLM has no name for")
+
+
+def export_adapter(adapter, base: Path, out: Path, *, force: bool, progress: bool) -> Path:
+    """A peft LoRA adapter -> mlx-vlm's own adapter folder (adapters.safetensors + adapter_config.json, what
+    mlx_vlm.load(path, adapter_path=...) and `ask BASE --adapter OUT` apply): peft's lora_A [r, in] and lora_B
+    [out, r] become mlx-vlm's lora_a [in, r] and lora_b [r, out], scale alpha / r, under mlx-vlm's module names.
+    Text, head, vision and connector adapters all apply (mlx-vlm wraps those layers, quantized or not)."""
+    import mlx.core as mx
+    import mlx_vlm
+    from safetensors.numpy import load_file
+
+    from pocketvlm.adapters import WEIGHTS, adapter_record
+    from pocketvlm.artifact import base_tools
+    from pocketvlm.manifest import write_manifest
+
+    tensors = load_file(str(adapter.path / WEIGHTS))
+    keys = [mlx_module(m) for m in adapter.modules]
+    with atomic_output(out, force=force) as scratch:
+        weights = {}
+        for module, key in zip(adapter.modules, keys):
+            weights[f"{key}.lora_a"] = mx.array(tensors[f"base_model.model.{module}.lora_A.weight"].T.astype("float32"))
+            weights[f"{key}.lora_b"] = mx.array(tensors[f"base_model.model.{module}.lora_B.weight"].T.astype("float32"))
+        mx.save_safetensors(str(scratch / "adapters.safetensors"), weights)
+        config = {"fine_tune_type": "lora", "num_layers": -1,
+                  "lora_parameters": {"rank": adapter.rank, "scale": adapter.scale,
+                                      "dropout": float(adapter.config.get("lora_dropout") or 0.0), "keys": keys}}
+        (scratch / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_manifest(scratch, format="mlx", quant="fp32", source={"id": str(adapter.path), "revision": None,
+                                                                    "path": str(adapter.path)},
+                       tools={**base_tools(), "mlx": mx.__version__, "mlx-vlm": mlx_vlm.__version__},
+                       adapter={**adapter_record(adapter, "mlx"), "file": "adapters.safetensors"})
+    if progress:
+        import sys
+
+        print(f"adapter: {len(keys)} modules, rank {adapter.rank}, scale {adapter.scale:g}", file=sys.stderr)
+    return out

@@ -118,7 +118,8 @@ def _ask(args) -> int:
     images = [open_image(p) for p in args.image]
     if args.video:
         check_file(args.video, "a video")
-    backend = open_backend(args.model, threads=args.threads, torch_free=True, image_size=args.image_size)
+    backend = open_backend(args.model, threads=args.threads, torch_free=True, image_size=args.image_size,
+                           adapter=args.adapter)
     video = None
     if args.video:
         cfg = backend.processor.config
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="always generate --max-tokens tokens (for timing random-weight models)")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the engine's choice)")
     p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP)
+    p.add_argument("--adapter", metavar="DIR",
+                   help="apply this LoRA adapter artifact (pocketvlm export FINETUNED/adapter --to gguf|mlx) to MODEL, "
+                        "a gguf or mlx artifact of the base it was trained on")
     add_fallback_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: answer, token_ids, token_probs, image_tiles, image_tokens, backend, "

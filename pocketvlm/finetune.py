@@ -552,7 +552,9 @@ def finetune(base: str, data, out, *, rank: int | None = None, alpha: float | No
         record_train = train_steps(model, processor, train_rows, steps=steps, batch=batch, lr=lr, seed=seed,
                                    progress=progress)
         model.peft_config["default"].base_model_name_or_path = source.id if source.revision else str(source.path)
-        model.save_pretrained(scratch / "adapter")
+        # only the LoRA pairs: with lm_head targeted, peft would also save the head's own (unchanged) weight, which
+        # llama.cpp's and mlx-vlm's adapter loaders do not take
+        model.save_pretrained(scratch / "adapter", save_embedding_layers=False)
         merged = model.merge_and_unload().to(getattr(torch, dtype))
         merged.save_pretrained(scratch)
         _copy_model_files(source.path, scratch)  # the base's own config, tokenizer and processor files

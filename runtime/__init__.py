@@ -33,16 +33,36 @@ def keep_torch_out() -> None:
 
 
 def open_backend(model: str | Path, *, torch_free: bool = False, threads: int | None = None,
-                 image_size: int | None = None, **options) -> Backend:
+                 image_size: int | None = None, adapter: str | Path | None = None, **options) -> Backend:
     """Load MODEL (artifact folder, Hugging Face folder, or Hub id) on the backend its format needs.
 
     torch_free: for a non-reference format, keep torch out of this process (see keep_torch_out).
-    image_size: the image budget (longest edge before tiling) instead of the artifact's own."""
+    image_size: the image budget (longest edge before tiling) instead of the artifact's own.
+    adapter: a LoRA adapter artifact (pocketvlm export ADAPTER --to FORMAT) to apply, for formats that do."""
+    from pocketvlm.adapters import check_pair, refuse_adapter_as_model
+
     check_threads(threads)
     if image_size is not None:
         check_image_size(image_size)
     path = Path(model).expanduser()
-    if path.is_dir() and (manifest := read_manifest(path)) is not None:
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest is not None:
+        refuse_adapter_as_model(path, manifest)
+    if adapter is not None:
+        adapter = Path(adapter).expanduser()
+        if not adapter.is_dir():
+            raise ArtifactError(f"--adapter {adapter}: no such folder (an adapter artifact is the folder "
+                                f"`pocketvlm export FINETUNED/adapter --to FORMAT --out DIR` writes)")
+        adapter_manifest = read_manifest(adapter)
+        applying = [name for name, f in formats.FORMATS.items() if f.adapters]
+        if manifest is None or manifest.get("format") not in applying:
+            raise ArtifactError(f"--adapter needs a {' or '.join(applying)} base artifact ({path} is "
+                                f"{'a ' + str(manifest.get('format')) + ' artifact' if manifest else 'not one'}); "
+                                f"for the others, use the merged model")
+        check_pair(path, manifest, adapter, adapter_manifest)
+        verify(adapter, adapter_manifest)
+        options["adapter"] = adapter
+    if manifest is not None:
         name = manifest.get("format")
         if name not in formats.FORMATS:
             raise ArtifactError(f"{path}: {name!r} artifacts are not supported by this pocketvlm "

@@ -68,7 +68,8 @@ class GGUFBackend(Backend):
     name = "gguf"
     N_BATCH = 512  # tokens (or image embeddings) per llama_decode call
 
-    def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None,
+                 adapter: Path | None = None):
         from pocketvlm.manifest import read_manifest
 
         self.path = Path(path)
@@ -109,6 +110,9 @@ class GGUFBackend(Backend):
                                 f"({ENGINE_LOG.errors() or 'no reason given'})")
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self.adapter_file = self._adapter = None
+        if adapter is not None:
+            self._load_adapter(Path(adapter), model_info)
         self._ensure_context(min(self.context_length, 2048))
         cparams = mtmd.mtmd_context_params_default()
         cparams.use_gpu = False
@@ -165,12 +169,50 @@ class GGUFBackend(Backend):
             raise PocketVLMError(f"llama.cpp could not create a {n_ctx}-token context for {self.model_file.name} "
                                  f"({ENGINE_LOG.errors() or 'out of memory?'})")
         self._n_ctx = n_ctx
+        if self._adapter:  # a context starts without adapters: set it on every one
+            self._apply_adapter()
+
+    def _load_adapter(self, folder: Path, model_info: GGUFInfo) -> None:
+        """A LoRA adapter artifact's GGUF, checked before llama.cpp sees it (llama.cpp crashes on a file that is not
+        an adapter of this architecture instead of refusing it), then loaded onto the text model."""
+        from pocketvlm.manifest import read_manifest
+
+        record = (read_manifest(folder) or {}).get("adapter") or {}
+        name = record.get("file")
+        path = folder / name if isinstance(name, str) and Path(name).name == name else None
+        if path is None or not path.is_file():
+            raise ArtifactError(f"{folder}: the adapter's GGUF ({name}) is missing; re-export the adapter")
+        info = read_gguf(path, "LoRA adapter")
+        if info.metadata.get("general.type") != "adapter" or info.metadata.get("adapter.type") != "lora":
+            raise ArtifactError(f"{path}: not a LoRA adapter GGUF; re-export the adapter")
+        if info.architecture != model_info.architecture:
+            raise ArtifactError(f"{path} adapts a {info.architecture} model; {self.model_file.name} is "
+                                f"{model_info.architecture}")
+        width = text_embedding_length(model_info)
+        bad = next((t for t in info.tensors if t.name.endswith(".lora_a") and width not in t.shape), None)
+        if bad is not None:
+            raise ArtifactError(f"{path}: {bad.name} has shape {bad.shape}, not for a {width}-wide text model; the "
+                                f"adapter is for another base")
+        ENGINE_LOG.clear()
+        self._adapter = self._llama.llama_adapter_lora_init(self._model, str(path).encode())
+        if not self._adapter:  # a NULL pointer, which ctypes gives as a falsy object, not None
+            raise ArtifactError(f"{path}: llama.cpp could not load the adapter ({ENGINE_LOG.errors() or 'no reason'})")
+        self.adapter_file = path
+
+    def _apply_adapter(self) -> None:
+        llama_cpp = self._llama
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+        scales = (ctypes.c_float * 1)(1.0)  # the adapter's own alpha / rank is applied by llama.cpp on top
+        if llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales) != 0:
+            raise ArtifactError(f"{self.adapter_file}: llama.cpp could not apply the adapter "
+                                f"({ENGINE_LOG.errors() or 'no reason given'})")
 
     def describe(self) -> dict:
         return {**super().describe(), "engine": f"llama-cpp-python {engine_version()} (llama.cpp + mtmd)",
                 "threads": self.threads, "model": self.model_file.name, "mmproj": self.mmproj_file.name,
                 "context": self._n_ctx, "decode_weight_bytes": self.decode_weight_bytes,
-                "extra_buffers": self.extra_buffers}
+                "extra_buffers": self.extra_buffers,
+                **({"adapter": str(self.adapter_file)} if self.adapter_file else {})}
 
     def close(self) -> None:
         llama_cpp = getattr(self, "_llama", None)

@@ -32,7 +32,8 @@ LINUX_NOTE = ("MLX on Linux runs on its CPU backend with the reference BLAS of t
 class MLXBackend(Backend):
     name = "mlx"
 
-    def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None,
+                 adapter: Path | None = None):
         import mlx.core as mx
         from mlx_vlm.utils import load_model
 
@@ -42,11 +43,17 @@ class MLXBackend(Backend):
         start = time.perf_counter()
         try:
             self.model = load_model(self.path)
+            if adapter is not None:  # mlx-vlm's own loader: LoRA layers wrapped around the (quantized) base
+                from mlx_vlm.trainer.peft.utils import apply_lora_layers
+
+                self.model = apply_lora_layers(self.model, Path(adapter))
+                self.model.eval()
             mx.eval(self.model.parameters())
         except Exception as e:  # mlx-vlm raises ValueError/RuntimeError/OSError/KeyError for broken folders
             detail = " ".join(str(e).split())[:200] or e.__class__.__name__
             raise ArtifactError(f"{self.path}: mlx-vlm cannot load this folder ({e.__class__.__name__}: {detail}); "
                                 f"re-export it") from e
+        self.adapter = Path(adapter) if adapter is not None else None
         self.load_s = time.perf_counter() - start
 
     def describe(self) -> dict:
@@ -60,6 +67,8 @@ class MLXBackend(Backend):
                    if not k.startswith("embed_tokens"))
         info = {**super().describe(), "engine": f"mlx-vlm {mlx_vlm.__version__}", "mlx": mx.__version__,
                 "device": str(mx.default_device()), "decode_weight_bytes": int(read)}
+        if self.adapter:
+            info["adapter"] = str(self.adapter)
         if platform.system() == "Linux":
             info["note"] = LINUX_NOTE
         return info

@@ -653,6 +653,7 @@ def add_arguments(parser) -> None:
                              "address needs an API key, or --insecure)")
     parser.add_argument("--port", default="8000", help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--model-id", help="model name reported to clients (default: the backend name)")
+    parser.add_argument("--adapter", metavar="DIR", help="apply this LoRA adapter artifact to MODEL (gguf or mlx)")
     parser.add_argument("--api-key",
                         help=f"require this bearer token from clients. A command line is visible to every user of "
                              f"the machine (ps): prefer the {API_KEY_ENV} environment variable, read when "
@@ -716,7 +717,7 @@ def main(args) -> int:
                                   no_cloud=getattr(args, "no_cloud", False))
 
     backend = open_backend(args.model, threads=getattr(args, "threads", None), torch_free=True,
-                           image_size=getattr(args, "image_size", None))
+                           image_size=getattr(args, "image_size", None), adapter=getattr(args, "adapter", None))
     server = make_server(backend, bind.host, port, model_id=args.model_id, api_key=api_key,
                          insecure=args.insecure, allow_hosts=args.allow_host, allow_origins=args.allow_origin,
                          pixel_budget=budget or None, workers=workers, max_connections=max(128, 4 * workers),

@@ -497,8 +497,8 @@ def test_demo_line_shows_standard_and_batch_for_the_current_model_and_medium_3(n
 
     monkeypatch.delenv("MISTRAL_API_KEY", raising=False)
     block = demo._cloud_line(name, heldout_samples(5), {}, progress=False)
-    line = next(l for l in demo.render({"model": "m", "questions": 5, "machine": "x", "rows": [], "cloud": block})
-                .splitlines() if l.startswith("Edge vs cloud"))
+    line = next(x for x in demo.render({"model": "m", "questions": 5, "machine": "x", "rows": [], "cloud": block})
+                .splitlines() if x.startswith("Edge vs cloud"))
     assert line.startswith("Edge vs cloud, estimated (no API key): ")
     for p in block["prices"]:
         assert f"`{p['model']}`" in line and f"${p['per_1k_usd']['standard']:.4f} per 1k" in line

@@ -268,7 +268,7 @@ def test_lora_teaches_the_micro_model_french_colours_without_forgetting_and_ever
     assert own["before"]["accuracy"] >= 0.95 and own["after"]["accuracy"] >= 0.95, own  # and forgot nothing
 
     def graded(artifact) -> float:
-        proc = run_cli("check", artifact, "--samples", french, "--max-tokens", 4, "--json", timeout=1800)
+        proc = run_cli("check", artifact, "--samples", french, "--max-tokens", 8, "--json", timeout=1800)
         assert proc.returncode in (0, 1), proc.stderr  # 1: a fidelity gate failed; the accuracy is still graded
         return json.loads(proc.stdout)["summary"]["accuracy"]
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip 
 
 from conftest import assert_user_error, draw_image, load_json, run_cli, write_video  # noqa: E402
 
+from pocketvlm.errors import PocketVLMError  # noqa: E402
 from pocketvlm.manifest import read_manifest, write_manifest  # noqa: E402
 from pocketvlm.media import load_video  # noqa: E402
 from pocketvlm.prompt import Processor, Request  # noqa: E402
@@ -444,6 +446,50 @@ def test_fetch_converter_prints_the_cached_folder():
     assert proc.returncode == 0, proc.stderr
     folder = Path(proc.stdout.strip())
     assert (folder / "convert_hf_to_gguf.py").is_file() and (folder / "gguf-py" / "gguf").is_dir()
+
+
+
+def _sdist_with_converter(tmp_path, parts):
+    """A tarball laid out as llama-cpp-python's sdist, holding only `parts` of vendor/llama.cpp."""
+    tree = tmp_path / "sdist-tree" / "llama_cpp_python-9.9.9" / "vendor" / "llama.cpp"
+    for name in parts:
+        target = tree / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f"# {name}\n")
+    (tree / "README.md").write_text("not kept\n")
+    sdist = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(tmp_path / "sdist-tree" / "llama_cpp_python-9.9.9", arcname="llama_cpp_python-9.9.9")
+    return sdist
+
+
+def test_a_stale_converter_cache_is_replaced_whole(tmp_path):
+    """A cache written by an older pocketvlm (no convert_lora_to_gguf.py) is replaced, not renamed onto (which
+    failed with 'Directory not empty' and a traceback): the new folder has every script, nothing else is left."""
+    from pocketvlm.export.gguf import _is_converter_dir, install_converter
+
+    cache = tmp_path / "cache" / "llama.cpp-9.9.9"
+    (cache / "gguf-py" / "gguf").mkdir(parents=True)
+    (cache / "gguf-py" / "gguf" / "__init__.py").write_text("")
+    (cache / "convert_hf_to_gguf.py").write_text("# old\n")
+    assert not _is_converter_dir(cache)
+    sdist = _sdist_with_converter(tmp_path, ["convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "LICENSE",
+                                             "gguf-py/gguf/__init__.py", "conversion/__init__.py"])
+    install_converter(sdist, cache, "9.9.9")
+    assert _is_converter_dir(cache)
+    assert (cache / "convert_hf_to_gguf.py").read_text() == "# convert_hf_to_gguf.py\n"
+    assert not (cache / "README.md").exists()
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["llama.cpp-9.9.9"]  # no partial or stale folder
+
+
+def test_an_sdist_without_the_lora_converter_is_refused_and_leaves_no_cache(tmp_path):
+    from pocketvlm.export.gguf import install_converter
+
+    cache = tmp_path / "cache" / "llama.cpp-9.9.9"
+    sdist = _sdist_with_converter(tmp_path, ["convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"])
+    with pytest.raises(PocketVLMError, match="missing from the source distribution"):
+        install_converter(sdist, cache, "9.9.9")
+    assert list(cache.parent.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------- real shape

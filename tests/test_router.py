@@ -51,17 +51,35 @@ def test_every_backend_reports_token_probabilities_the_same_way(tiny_model, tmp_
     from pocketvlm.prompt import Request
     from pocketvlm.runtime import open_backend
 
+    import numpy as np
+
+    def softmax_of_chosen(logits, token_ids):
+        out = []
+        for x, t in zip(logits, token_ids):
+            x = np.asarray(x, dtype=np.float64)
+            e = np.exp(x - x.max())
+            out.append(float(e[t] / e.sum()))
+        return out
+
     request = Request("What color is the circle?", images=[Image.open(image_file)])
-    ref = open_backend(tiny_model).run(request, 6, ignore_eos=True)
+    ref = open_backend(tiny_model).run(request, 6, ignore_eos=True, with_logits=True)
     assert all(0.0 < p <= 1.0 for p in ref.token_probs) and len(ref.token_probs) == 6
+    assert ref.token_probs == pytest.approx(softmax_of_chosen(ref.logits, ref.token_ids), rel=1e-5)
     for fmt, quant, engine in (("onnx", "fp32", "onnxruntime"), ("mlx", "fp32", "mlx_vlm"), ("gguf", "f16", "llama_cpp")):
         pytest.importorskip(engine)
         out = tmp_path / fmt
         assert run_cli("export", tiny_model, "--to", fmt, "--quant", quant, "--out", out, "--quiet").returncode == 0
-        got = open_backend(out).run(request, 6, ignore_eos=True)
+        got = open_backend(out).run(request, 6, ignore_eos=True, with_logits=True)
         assert got.token_ids == ref.token_ids, fmt
-        tol = 2e-3 if quant == "f16" else 1e-4
-        assert got.token_probs == pytest.approx(ref.token_probs, abs=tol), fmt
+        # each backend's probability is the softmax of its own logits, taken by the one loop
+        assert got.token_probs == pytest.approx(softmax_of_chosen(got.logits, got.token_ids), rel=1e-5), fmt
+        # and it differs from the reference's only as far as the logits do: a logit error of at most m moves a
+        # log-probability by at most 2m (softmax's own bound), whatever the precision of the format
+        for step, (p, q, a, b) in enumerate(zip(got.token_probs, ref.token_probs, got.logits, ref.logits)):
+            m = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+            assert abs(np.log(p) - np.log(q)) <= 2 * m + 1e-6, (fmt, step, p, q, m)
+        if quant == "fp32":
+            assert got.token_probs == pytest.approx(ref.token_probs, abs=1e-4), fmt
 
 
 # ------------------------------------------------------------------------------------------- refusals

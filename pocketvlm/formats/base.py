@@ -46,6 +46,7 @@ class Format:
     quantize_from: tuple[str, ...] = ()    # ... from artifacts of these quants
     options: tuple[Option, ...] = ()       # exporter options (argparse flags)
     runs_on: tuple[str, ...] | None = None  # platform.system() names where its backend predicts; None: anywhere
+    adapters: bool = False                 # its backend applies LoRA adapter artifacts (export ADAPTER --to it)
     module: str | None = None              # stage module name, if not `name`
     notes: dict[str, str] = field(default_factory=dict)  # per quant: what a user should know (shown by export)
 

@@ -37,7 +37,7 @@ def artifact_files(path: Path, manifest: dict | None) -> tuple[Path, Path]:
 
 
 FORMAT = Format(
-    name="gguf", title="GGUF (llama.cpp)", extra="gguf", backend="GGUFBackend",
+    name="gguf", adapters=True, title="GGUF (llama.cpp)", extra="gguf", backend="GGUFBackend",
     export_quants=("f16", "q8_0", "q4_k_m"), quantize_quants=("q8_0", "q4_k_m"), quantize_from=("f16",),
     options=(
         Option("llama_cpp_dir", "gguf: a llama.cpp checkout whose convert_hf_to_gguf.py to use (default: the one in "

@@ -10,7 +10,7 @@ GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64
 
 FORMAT = Format(
-    name="mlx", title="MLX (mlx-vlm)", extra="mlx", backend="MLXBackend",
+    name="mlx", adapters=True, title="MLX (mlx-vlm)", extra="mlx", backend="MLXBackend",
     export_quants=("fp16", "fp32", "bf16", "8bit", "4bit"),
     quantize_quants=("8bit", "4bit"), quantize_from=("fp16", "fp32", "bf16"),
     options=(
