@@ -51,6 +51,7 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, p
             seconds[quant] = round(time.perf_counter() - start, 2)
         qcoreml.finish(scratch, quant, source=source_record(source), ct=ct, quantization=info,
                        export_s=seconds, deployment_target=target, **budget)
+    qcoreml.announce(quant)
     return out
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from pocketvlm.artifact import base_tools, copy_processor_files, set_image_size, source_record
 from pocketvlm.errors import PocketVLMError
-from pocketvlm.formats.gguf import MMPROJ_QUANTS, mmproj_name as mmproj_file, model_name as model_file
+from pocketvlm.formats.gguf import (VISION_QUANTS, default_vision_quant, mmproj_name as mmproj_file,
+                                   model_name as model_file)
 from pocketvlm.formats.gguf_reader import check_pair, read_gguf
 from pocketvlm.manifest import atomic_output, check_output, write_manifest
 from pocketvlm.models import ModelSource
@@ -270,12 +271,12 @@ def _declares_smollm_pretokenizer(tokenizer_json: Path) -> bool:
 # ------------------------------------------------------------------------------------------------ export
 
 def export(source: ModelSource, out: Path, quant: str, *, force: bool, progress: bool,
-           image_size: int | None = None, llama_cpp_dir: str | None = None, mmproj_quant: str | None = None) -> Path:
+           image_size: int | None = None, llama_cpp_dir: str | None = None, vision_quant: str | None = None) -> Path:
     from pocketvlm.quantize import gguf as gguf_quant
 
-    mmproj_quant = mmproj_quant or "f16"
-    if mmproj_quant not in MMPROJ_QUANTS:
-        raise PocketVLMError(f"unknown --mmproj-quant {mmproj_quant!r}; choose one of: {', '.join(MMPROJ_QUANTS)}")
+    mmproj_quant = vision_quant or default_vision_quant(quant)
+    if mmproj_quant not in VISION_QUANTS:
+        raise PocketVLMError(f"unknown --vision-quant {mmproj_quant!r}; choose one of: {', '.join(VISION_QUANTS)}")
     check_output(out, force=force)  # before a possibly long converter download
     converter = resolve_converter(llama_cpp_dir, progress=progress)
 

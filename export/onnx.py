@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketvlm.artifact import copy_processor_files, set_image_size, source_record
+from pocketvlm.artifact import copy_processor_files, run_step, set_image_size, source_record
 from pocketvlm.formats.onnx import part_file
 from pocketvlm.manifest import atomic_output
 from pocketvlm.models import ModelSource
@@ -49,7 +49,11 @@ def export(source: ModelSource, out: Path, quant: str, *, force: bool = False, p
         budget = set_image_size(scratch, image_size)
         (scratch / "pocketvlm.json").unlink(missing_ok=True)
         fp32_root = scratch if quant == "fp32" else scratch / ".fp32"
-        seconds = export_fp32(source.path, fp32_root, progress=progress)
+        # traced in a process of its own: the fp32 checkpoint and the traced programs leave memory with it, before
+        # the quantization reads the parts back from disk (pocketvlm.artifact.run_step says why)
+        seconds = run_step("pocketvlm.export.onnx", "export_fp32",
+                           {"model_dir": str(source.path), "root": str(fp32_root)}, progress=progress,
+                           what="the ONNX trace")
         parts = {}
         if quant != "fp32":
             start = time.perf_counter()
@@ -190,9 +194,11 @@ def _use_grouped_attention(hf) -> None:
 
 # ------------------------------------------------------------------------------------------------- export
 
-def export_fp32(model_dir: Path, root: Path, *, progress: bool) -> dict:
+def export_fp32(model_dir: Path | str, root: Path | str, *, progress: bool) -> dict:
     """Trace the three parts of the checkpoint in MODEL_DIR into ROOT/onnx/ (fp32). Returns seconds per part."""
     import torch
+
+    model_dir, root = Path(model_dir), Path(root)
     from transformers import SmolVLMForConditionalGeneration
     from transformers.utils import logging as hf_logging
 

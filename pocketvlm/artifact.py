@@ -72,3 +72,75 @@ def set_image_size(folder: Path, image_size: int | None) -> dict:
 def inherited(manifest: dict) -> dict:
     """What a quantized artifact keeps from the one it was made from (its processor files come along as they are)."""
     return {"image_size": manifest["image_size"]} if isinstance(manifest.get("image_size"), int) else {}
+
+
+# ------------------------------------------------------------------------------------ a step in its own process
+
+CHILD_RESULT = "pocketvlm-step-result: "
+CHILD_ERROR = "pocketvlm: error: "
+
+
+def run_step(module: str, function: str, kwargs: dict, *, progress: bool, what: str):
+    """Call MODULE.FUNCTION(**kwargs, progress=progress) in a fresh Python process and return its (JSON) result.
+
+    For an export step that loads a whole checkpoint (the transformers model in fp32, a traced program): when the
+    process ends, all of that memory goes back to the system. In-process it does not: after the ONNX trace at the
+    500M shape, 2.3 GB stayed resident through gc.collect(), torch._dynamo.reset() and malloc_trim, and the
+    quantization that follows added its own peak on top. Progress lines pass through (unless quiet); a user error
+    in the step stays a one-line PocketVLMError; anything else is a bug and says so with the step's last lines."""
+    import os
+    import subprocess
+
+    from .errors import PocketVLMError
+
+    import threading
+
+    payload = json.dumps({"module": module, "function": function, "kwargs": kwargs, "progress": progress})
+    proc = subprocess.Popen([sys.executable, "-m", "pocketvlm.artifact", payload], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    tail: list[str] = []
+    for line in proc.stderr:
+        tail = (tail + [line.rstrip("\n")])[-40:]
+        if progress and not line.startswith(CHILD_ERROR):
+            print(line, end="", file=sys.stderr, flush=True)
+    code = proc.wait()
+    reader.join()
+    error = next((line[len(CHILD_ERROR):] for line in reversed(tail) if line.startswith(CHILD_ERROR)), None)
+    if code == 2 and error:
+        if not progress and os.environ.get("POCKETVLM_DEBUG", "").strip() not in ("", "0"):
+            print("\n".join(line for line in tail if not line.startswith(CHILD_ERROR)), file=sys.stderr)
+        raise PocketVLMError(error)
+    result = next((line[len(CHILD_RESULT):] for line in reversed("".join(out).splitlines())
+                   if line.startswith(CHILD_RESULT)), None)
+    if code != 0 or result is None:
+        detail = "\n".join(tail[-8:]) or f"exit {code}"
+        raise RuntimeError(f"{what} failed in its subprocess (exit {code}):\n{detail}")
+    return json.loads(result)
+
+
+def _step_main(payload: str) -> int:
+    import importlib
+    import os
+
+    from .errors import PocketVLMError
+
+    spec = json.loads(payload)
+    fn = getattr(importlib.import_module(spec["module"]), spec["function"])
+    try:
+        result = fn(**spec["kwargs"], progress=spec["progress"])
+    except PocketVLMError as e:
+        if os.environ.get("POCKETVLM_DEBUG", "").strip() not in ("", "0"):
+            import traceback
+
+            traceback.print_exc()
+        print(CHILD_ERROR + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        return 2
+    print(CHILD_RESULT + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_step_main(sys.argv[1]))

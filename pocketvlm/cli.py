@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=IMAGE_SIZE_HELP.replace("image budget:", "the artifact's default image budget (written into "
                                                 "its processor config, so every consumer tiles the same way):"))
     for option, _ in formats.all_options().values():
-        p.add_argument(option.flag, **option.argparse_kwargs())
+        p.add_argument(*option.flags, **option.argparse_kwargs())
     p.set_defaults(func=_export)
 
     p = sub.add_parser(

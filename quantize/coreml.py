@@ -5,7 +5,9 @@
           the vision patch convolution (3 input channels: no block of 32 fits) goes 8-bit per channel instead
           of staying fp16
     palettize (not a --quant; compress_folder(..., palettize=True)): 4-bit k-means look-up tables per 16 output
-          channels (constexpr_lut_to_dense); slow (k-means on every weight), kept for experiments.
+          channels (constexpr_lut_to_dense); slow (k-means on every weight), kept for experiments. Not offered:
+          a 4-bit palettized stateful model is what crashes on the Neural Engine under coremltools 9.0
+          (apple/coremltools#2716; pocketvlm.formats.coreml.COMPUTE_UNITS).
 
 Compression works on the saved ML Program, so it runs on Linux; the weights a Mac will run are exactly the
 decompressed ones (coremltools' decompress_weights), which is how tests measure their drift.
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import collections
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from pocketvlm.artifact import base_tools, inherited, note as log
 from pocketvlm.errors import ArtifactError, PocketVLMError
-from pocketvlm.formats.coreml import DECODER, EMBEDDINGS, FORMAT, PACKAGES, import_coremltools, quiet
+from pocketvlm.formats.coreml import (DECODER, EMBEDDINGS, FORMAT, PACKAGES, compute_units, compute_units_note,
+                                      import_coremltools, quiet)
 from pocketvlm.manifest import FILENAME, atomic_output, write_manifest
 
 BLOCK_SIZE = 32
@@ -88,8 +92,9 @@ def compress_folder(folder: Path, quant: str, *, progress: bool, palettize: bool
         tmp.rename(src)
         log(progress, f"compressed {name} in {time.perf_counter() - start:.1f}s")
     if palettize:
-        return {"method": "palettize_kmeans", "nbits": 4 if quant == "int4" else 8, "granularity":
-                "per_grouped_channel", "group_size": 16, "weight_threshold": WEIGHT_THRESHOLD}
+        nbits = 4 if quant == "int4" else 8
+        return {"method": "palettize_kmeans", "nbits": nbits, "granularity": "per_grouped_channel",
+                "group_size": 16, "weight_threshold": WEIGHT_THRESHOLD, "vision": f"palettized {nbits}-bit"}
     return compress_folder_info(quant)
 
 
@@ -166,8 +171,16 @@ def finish(folder: Path, quant: str, *, source: dict, ct, quantization: dict | N
     return write_manifest(folder, format="coreml", quant=quant, source=source, tools=tools(ct),
                           coreml={"packages": spec, "embeddings": EMBEDDINGS,
                                   "max_context": spec[DECODER]["states"]["k_cache"]["shape"][3],
-                                  "compute_precision": "fp16"},
-                          quantization=quantization or {"weights": "fp16"}, **extra)
+                                  "compute_precision": "fp16", "compute_units": compute_units(quant)},
+                          quantization=quantization or {"weights": "fp16", "vision": "fp16"}, **extra)
+
+
+def announce(quant: str) -> None:
+    """The compute-units note of a QUANT artifact (int4: not the Neural Engine), printed by export and quantize
+    even with --quiet: it is about what the user gets, not progress."""
+    note = compute_units_note(quant)
+    if note:
+        print(f"pocketvlm: note: {note}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- quantize
@@ -189,11 +202,16 @@ def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bo
                export_s={quant: round(time.perf_counter() - start, 2)},
                deployment_target=manifest.get("deployment_target", "iOS18"),
                derived_from={"path": str(artifact), "quant": manifest["quant"]}, **inherited(manifest))
+    announce(quant)
     return out
 
 
 def compress_folder_info(quant: str) -> dict:
+    """The manifest's quantization record. Both packages are compressed alike, so the vision encoder is what the
+    text decoder is (its patch convolution 8-bit per channel under int4: 3 input channels, no block of 32)."""
     info = {"method": "linear_symmetric", "dtype": quant, "weight_threshold": WEIGHT_THRESHOLD}
     info.update({"granularity": "per_block", "block_size": BLOCK_SIZE, "conv": "int8 per_channel"}
                 if quant == "int4" else {"granularity": "per_channel"})
+    info["vision"] = (f"int4 per block of {BLOCK_SIZE} (patch convolution int8 per channel)" if quant == "int4"
+                      else "int8 per channel")
     return info

@@ -2,7 +2,9 @@
 
 Per sample: the artifact's free-running greedy tokens against the reference's (exact match, and how many leading
 tokens agree), then -- teacher-forced on the reference's tokens so both see the same context at every step --
-KL(reference || artifact) and top-1 agreement per step. Gates per format and quant live in data/fidelity.json.
+KL(reference || artifact) and top-1 agreement per step; and, for samples with images, the vision encoder's own
+fidelity: the cosine similarity of each tile's image features to the reference's. Gates per format and quant live
+in data/fidelity.json.
 """
 
 from __future__ import annotations
@@ -57,13 +59,42 @@ def near_tie(ref_logits: np.ndarray, artifact_logits: np.ndarray, precision: str
     return gap, 2 * budget, gap < 2 * budget and error <= budget
 
 
+def tile_cosines(reference: np.ndarray, artifact: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each tile's image features ([tiles, image_seq_len, hidden], all of a tile's tokens as
+    one vector) between the reference and an artifact."""
+    if reference.shape != artifact.shape:
+        raise PocketVLMError(f"the artifact's vision encoder gives image features of shape {artifact.shape}, the "
+                             f"reference's {reference.shape}; the artifact does not match its source")
+    a = reference.reshape(len(reference), -1).astype(np.float64)
+    b = artifact.reshape(len(artifact), -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, np.finfo(np.float64).tiny)
+
+
+def vision_fidelity(reference, backend, request) -> np.ndarray | None:
+    """Per-tile cosines of the request's image features (None without images): the vision encoder's own error,
+    before the text model mixes it with everything else. Each backend computes the features exactly as its
+    prefill does (Backend.image_features)."""
+    ref_enc, enc = reference.processor.encode(request), backend.processor.encode(request)
+    if ref_enc.pixel_values is None:
+        return None
+    if enc.pixel_values is None or enc.pixel_values.shape != ref_enc.pixel_values.shape:
+        raise PocketVLMError("the artifact's processor tiles this request differently from the reference's; "
+                             "pass the same --image-size to both")
+    return tile_cosines(reference.image_features(ref_enc), backend.image_features(enc))
+
+
 def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, progress=None,
             precision: str | None = None) -> dict:
     """Run every sample through both backends; per-sample and overall numbers. `precision` (fp16, bf16): the
     half-precision format the artifact computes in, whose near-ties are reported rather than counted against
     it."""
     rows = []
+    cosines = []
     for sample in samples:
+        vision = vision_fidelity(reference, backend, sample.request)
+        if vision is not None:
+            cosines.append(vision)
         ref = reference.run(sample.request, max_tokens, ignore_eos=True, with_logits=True)
         free = backend.run(sample.request, max_tokens, ignore_eos=True)
         forced = list(backend.generate(sample.request, max_tokens, with_logits=True, force=ref.token_ids))
@@ -98,6 +129,9 @@ def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, pro
             "top1": float(np.mean(top1)),
             "top1_decided": float(np.mean(decided)) if decided else 1.0,
             "near_tie_steps": len(top1) - len(decided),
+            "vision_tiles": 0 if vision is None else len(vision),
+            "vision_cosine_min": None if vision is None else float(vision.min()),
+            "vision_cosine_mean": None if vision is None else float(vision.mean()),
             # what a user would read: the tokens were generated past end-of-answer for a fixed-length comparison
             "reference_answer": reference.answer_text(ref.token_ids),
             "answer": (answer := backend.answer_text(free.token_ids)),
@@ -122,6 +156,10 @@ def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, pro
                          if sum(decided_steps) else 1.0),
         "near_tie_steps": sum(r["near_tie_steps"] for r in rows),
         "precision": precision,
+        # every tile of every sample: the worst tile, and the mean over tiles
+        "vision_tiles": sum(len(c) for c in cosines),
+        "vision_cosine_min": float(min(c.min() for c in cosines)) if cosines else None,
+        "vision_cosine_mean": float(np.concatenate(cosines).mean()) if cosines else None,
     }
     if any("correct" in r for r in rows):
         graded = [r for r in rows if "correct" in r]
@@ -148,6 +186,10 @@ def verdict(summary: dict, limits: dict) -> list[str]:
     if "top1_min" in limits and top1 < limits["top1_min"]:
         failures.append(f"top-1 agreement {top1:.3f} < {limits['top1_min']:g}"
                         + (" (steps its rounding decides)" if half else ""))
+    cosine = summary.get("vision_cosine_min")
+    if "vision_cosine_min" in limits and cosine is not None and cosine < limits["vision_cosine_min"]:
+        failures.append(f"vision features: worst tile's cosine similarity {cosine:.4f} < "
+                        f"{limits['vision_cosine_min']:g}")
     return failures
 
 
@@ -203,19 +245,25 @@ def check(artifact: Path, *, reference: str | None = None, samples_file: Path | 
     report = compare(ref_backend, backend, samples, max_tokens, progress, precision=limits.get("precision"))
     failures = verdict(report["summary"], limits)
     return {"artifact": str(artifact), "format": manifest["format"], "quant": manifest["quant"],
-            "reference": str(ref_source), "max_tokens": max_tokens,
+            "vision_weights": backend.vision_weights, "reference": str(ref_source), "max_tokens": max_tokens,
             "image_size": backend.processor.config.longest_edge, **report, "thresholds": limits,
             "pass": not failures, "failures": failures, "notes": notes(report["summary"], limits)}
 
 
 def render(report: dict) -> str:
-    """A short human table of a check report."""
+    """A short human table of a check report. `vision`: the worst tile's cosine similarity of the image features to
+    the reference's ("-" for a sample without images)."""
     s = report["summary"]
     graded = "accuracy" in s  # the samples carry expected answers: one more column, right or wrong
+
+    def cosine(value):
+        return f"{value:>8.5f}" if value is not None else f"{'-':>8}"
+
     lines = [f"{report['format']} {report['quant']}  vs reference {report['reference']}  "
-             f"(first-step max |Δlogit| {s['first_max_abs_dlogit']:.2e})",
-             f"{'sample':<10} {'greedy':>7} {'prefix':>7} {'KLD mean':>10} {'KLD max':>10} {'top-1':>6}"
-             + ("  accuracy" if graded else "")]
+             f"(first-step max |Δlogit| {s['first_max_abs_dlogit']:.2e}; vision encoder "
+             f"{report.get('vision_weights', '?')})",
+             f"{'sample':<10} {'greedy':>7} {'prefix':>7} {'KLD mean':>10} {'KLD max':>10} {'top-1':>6} "
+             f"{'vision':>8}" + ("  accuracy" if graded else "")]
     for r in report["samples"]:
         answer = ""
         if "correct" in r:
@@ -223,10 +271,10 @@ def render(report: dict) -> str:
             answer = "  right" if r["correct"] else f"  WRONG ({got!r}, expected {expected!r})"
         lines.append(f"{r['sample'][:10]:<10} {('same' if r['greedy_match'] else 'DIFF'):>7} "
                      f"{r['matching_prefix']:>3}/{r['tokens']:<3} {r['kld_mean']:>10.2e} {r['kld_max']:>10.2e} "
-                     f"{r['top1']:>6.3f}{answer}")
+                     f"{r['top1']:>6.3f} {cosine(r.get('vision_cosine_min'))}{answer}")
     acc = f"  {s['accuracy']:.1%}" if graded else ""
     lines.append(f"{'all':<10} {('same' if s['greedy_match'] else 'DIFF'):>7} {'':>7} {s['kld_mean']:>10.2e} "
-                 f"{s['kld_max']:>10.2e} {s['top1']:>6.3f}{acc}")
+                 f"{s['kld_max']:>10.2e} {s['top1']:>6.3f} {cosine(s.get('vision_cosine_min'))}{acc}")
     lines += [f"note: {note}" for note in report.get("notes", [])]
     lines.append("PASS" if report["pass"] else "FAIL: " + "; ".join(report["failures"]))
     return "\n".join(lines)

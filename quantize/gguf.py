@@ -1,5 +1,6 @@
 """GGUF quantization: an f16 text model GGUF -> q8_0 / q4_k_m with llama.cpp's own quantizer (llama-cpp-python's
-`llama_model_quantize`). The mmproj is carried over as it is.
+`llama_model_quantize`). An f16 mmproj is re-quantized to q8_0 with gguf-py (requantize_mmproj), the default a q8_0 or
+q4_k_m export gives it.
 
 llama.cpp quantizes a matrix to a block type only when its rows divide into whole blocks (32 values for q8_0 and
 q5_0, 256 for the k-quants); other tensors fall back to a type whose blocks fit (q4_K -> q5_0, q6_K -> q8_0, ...).
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from pocketvlm.artifact import base_tools, copy_processor_files, inherited
 from pocketvlm.errors import ArtifactError, PocketVLMError
-from pocketvlm.formats.gguf import FORMAT, artifact_files, model_name
+from pocketvlm.formats.gguf import FORMAT, artifact_files, default_vision_quant, mmproj_name, model_name
 from pocketvlm.formats.gguf_reader import block_size, check_pair, read_gguf
 from pocketvlm.formats.llama_log import ENGINE_LOG, default_threads, engine_version
 from pocketvlm.manifest import atomic_output, write_manifest
@@ -112,25 +113,74 @@ def print_report(report: dict, *, progress: bool = True) -> None:
         print(f"pocketvlm: warning: {report['warning']}", file=sys.stderr)
 
 
+def requantize_mmproj(src: Path, dst: Path) -> dict:
+    """An f16 mmproj -> q8_0, with gguf-py, by the rule llama.cpp's converter applies with `--outtype q8_0
+    --mmproj`: every tensor it would have written f16 under `--outtype f16` (2-D weights; embeddings, norms and
+    biases are f32 in both) becomes q8_0 where its rows divide into 32-value blocks and stays f16 where they do
+    not. Values go f16 -> q8_0 here instead of checkpoint -> q8_0: identical for a bf16 checkpoint (every bf16
+    weight of normal magnitude is exact in f16), within f16 rounding before quantization for an fp32 one. Returns
+    the tensor types written."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    writer = gguf.GGUFWriter(dst, str(arch.contents()) if arch else "clip")
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        value = field.contents()
+        if field.name == gguf.Keys.General.FILE_TYPE:
+            value = int(gguf.LlamaFileType.MOSTLY_Q8_0)
+        writer.add_key_value(field.name, value, kind, sub_type=sub)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    block = gguf.GGML_QUANT_SIZES[q8][0]
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        data, kind = np.asarray(t.data), t.tensor_type
+        if kind == gguf.GGMLQuantizationType.F16 and data.ndim >= 2 and data.shape[-1] % block == 0:
+            data, kind = gguf.quants.quantize(data.astype(np.float32), q8), q8
+        writer.add_tensor(t.name, data, raw_dtype=kind)
+        types[kind.name.lower()] = types.get(kind.name.lower(), 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return types
+
+
 def quantize(artifact: Path, manifest: dict, out: Path, quant: str, *, force: bool, progress: bool) -> Path:
-    """`pocketvlm quantize`: an f16 GGUF artifact -> a q8_0 / q4_k_m artifact with the same mmproj."""
+    """`pocketvlm quantize`: an f16 GGUF artifact -> a q8_0 / q4_k_m artifact; its f16 mmproj becomes q8_0, as the
+    export of that quant makes it (default_vision_quant), and a q8_0 one is carried over."""
     artifact = Path(artifact)
     model, mmproj = artifact_files(artifact, manifest)
     check_pair(read_gguf(model, "text model"), read_gguf(mmproj, "mmproj"))
     roles = {k: v for k, v in (manifest.get("gguf") or {}).items() if k != "timings"}
     name = model_name(quant)
+    vision = default_vision_quant(quant)
+    was = roles.get("mmproj_quant") or mmproj.stem.removeprefix("mmproj-")
     with atomic_output(out, force=force) as tmp:
         if progress:
             print(f"quantizing {model.name} to {quant} with llama.cpp's quantizer ...", file=sys.stderr, flush=True)
         report = quantize_file(model, tmp / name, quant)
-        shutil.copy2(mmproj, tmp / mmproj.name)
+        if was == "f16" and vision == "q8_0":
+            if progress:
+                print(f"quantizing {mmproj.name} (vision encoder + projector) to q8_0 ...", file=sys.stderr,
+                      flush=True)
+            new_mmproj = mmproj_name("q8_0")
+            requantize_mmproj(mmproj, tmp / new_mmproj)
+        else:
+            new_mmproj, vision = mmproj.name, was
+            shutil.copy2(mmproj, tmp / new_mmproj)
         copy_processor_files(artifact, tmp)
-        check_pair(read_gguf(tmp / name), read_gguf(tmp / mmproj.name))
+        check_pair(read_gguf(tmp / name), read_gguf(tmp / new_mmproj))
         tools = {**manifest.get("tools", {}), **base_tools(), **engine_tools()}
         write_manifest(
             tmp, format="gguf", quant=quant, source=manifest.get("source", {}), tools=tools,
-            gguf={**roles, "model": name, "mmproj": mmproj.name, "bits_per_weight": report["bits_per_weight"],
-                  "quantized_from": str(artifact.resolve())},
+            gguf={**roles, "model": name, "mmproj": new_mmproj, "mmproj_quant": vision,
+                  "bits_per_weight": report["bits_per_weight"], "quantized_from": str(artifact.resolve())},
             quantization=report, **inherited(manifest),
         )
     print_report(report, progress=progress)

@@ -103,8 +103,18 @@ def verify_quantized(folder: Path, p: QuantPlan) -> dict:
     quantized = {n[: -len(".scales")] for n in weights if n.endswith(".scales")}
     vision_q = sum(1 for n in quantized if n.startswith(VISION_PREFIXES))
     return {"bits": p.bits, "group_size": p.group_size, "quantized_layers": len(quantized),
-            "quantized_vision_layers": vision_q, "vision": p.keep_vision or "quantized",
+            "quantized_vision_layers": vision_q, "vision": vision_summary(p, vision_q),
             "kept_float": p.skipped}
+
+
+def vision_summary(p: QuantPlan, quantized_vision_layers: int) -> str:
+    """What the vision tower is, in one phrase for the manifest, describe() and check: "4bit g64", "8bit g32
+    (some layers float)", "fp16 (--keep-vision)"."""
+    if p.keep_vision:
+        return f"{p.keep_vision} (--keep-vision)"
+    if not quantized_vision_layers:
+        return "float (the group size divides none of its layers)"
+    return f"{p.bits}bit g{p.group_size}" + (" (some layers float: see kept_float)" if p.skipped else "")
 
 
 def convert(hf_path: Path, out: Path, *, dtype: str, quant_plan: QuantPlan | None, progress: bool) -> str:

@@ -6,8 +6,11 @@ int8: dynamic quantization (onnxruntime.quantization.quantize_dynamic): every Ma
 q4:   weight-only 4-bit (MatMulNBitsQuantizer): every MatMul with a constant weight becomes MatMulNBits (blocks of 32
       along the input dimension, symmetric, one fp32 scale per block). The token embedding table is stored 8-bit as
       in int8 (Gather + DequantizeLinear): onnxruntime's 4-bit GatherBlockQuantized has no WebAssembly kernel in
-      onnxruntime-web, and a q4 export must run in a phone's browser. Activations stay fp32 (accuracy_level 0), so
-      an fp32 matmul with the dequantized weights reproduces it: tests/test_onnx.py checks exactly that.
+      onnxruntime-web, and a q4 export must run in a phone's browser. The vision encoder is int8 as in int8
+      (part_method). MatMulNBits carries accuracy_level 4 (Q4_ACCURACY_LEVEL): where onnxruntime has the kernel
+      (x86 AVX2/VNNI, ARM dot-product) each row of activations is quantized to int8 per block and the 4-bit
+      weights meet it in integer dot products; elsewhere the attribute is a hint and the fp32 kernel runs.
+      tests/test_onnx.py checks the graphs against their dequantized weights.
 fp16: (export only) every float tensor inside the graphs in fp16, inputs/outputs kept fp32 as transformers.js feeds
       them; RMSNorm's mean-of-squares stays fp32 so large activations cannot overflow it.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import json
 import logging
 import shutil
@@ -31,7 +35,13 @@ from pocketvlm.errors import ArtifactError, PocketVLMError
 from pocketvlm.formats.onnx import DATA_SUFFIX, PARTS, SUBFOLDER, part_file
 from pocketvlm.manifest import atomic_output, write_manifest
 Q4_BLOCK_SIZE = 32
-Q4_ACCURACY_LEVEL = 0  # 0: fp32 activations (exact dequantized matmul); 4 would quantize activations to int8 too
+# MatMulNBits' compute type. 0 (and 1-3 on CPUs: the same fp32 path) dequantizes the 4-bit weights and multiplies
+# in fp32; 4 quantizes the activations to int8 and uses integer dot products, as onnxruntime-genai's int4 CPU models
+# do. Measured at the SmolVLM2-500M shape (docs/BENCH.md "ONNX q4: MatMulNBits accuracy_level"): level 4 decodes
+# ~1.3-3x faster on 2 busy cores (CPU time per request 7.3-7.6 s vs 8.4-9.0 s) with the same KL divergence to the
+# reference (1.91e-2 mean at both levels, 500M shape; on the trained micro model see BENCH.md). A kernel without an
+# int8 path (onnxruntime-web's WebAssembly) ignores the hint and computes in fp32, as level 0 would.
+Q4_ACCURACY_LEVEL = 4
 # fp16: ops kept in fp32 (with casts around them) on top of onnxruntime's default block list: RMSNorm's x**2 mean
 FP16_KEEP_FP32 = ("Pow", "ReduceMean", "Sqrt", "Reciprocal")
 
@@ -114,20 +124,32 @@ def convert_part(src: Path, dest: Path, part: str, quant: str, work: Path, root:
     manifest records."""
     work.mkdir(parents=True, exist_ok=True)
     tmp = work / f"{part}.onnx"
+    how = part_method(quant, part)
     with _quiet_logs():
-        if quant == "int8":
+        if how == "int8":
             _int8(src, tmp, part)
-        elif quant == "q4" and part == "embed_tokens":
-            _int8(src, tmp, part)  # see the module docstring: 8-bit table, runs on onnxruntime-web's WebAssembly
-        elif quant == "q4":
+        elif how == "q4":
             _q4(src, tmp, part, root)
-        elif quant == "fp16":
-            _fp16(src, tmp, root)
         else:
-            raise PocketVLMError(f"unknown ONNX quant {quant!r}")
+            _fp16(src, tmp, root)
+    gc.collect()  # onnxruntime's quantizers leave reference cycles holding the weights (1.6 GB at 500M for q4)
     resave(tmp, dest)
     shutil.rmtree(work, ignore_errors=True)
-    return _verify_part(src, dest, part, quant)
+    gc.collect()
+    return _verify_part(src, dest, part, how)
+
+
+def part_method(quant: str, part: str) -> str:
+    """How one part of a QUANT artifact is converted. q4 is 4-bit where decoding spends its time, the text
+    decoder; its embedding table is 8-bit (see the module docstring) and so is its vision encoder: MatMulNBits
+    dequantized to fp32 on the CPU at accuracy_level 0, so a 4-bit vision encoder ran at fp32 speed (1.57 s per
+    512-px tile at the 500M shape against int8's 0.78 s), and the vision encoder is most of the time to first
+    token; int8 is also what onnxruntime-web runs everywhere (MatMulInteger)."""
+    if quant not in ("int8", "q4", "fp16"):
+        raise PocketVLMError(f"unknown ONNX quant {quant!r}")
+    if quant == "q4" and part in ("embed_tokens", "vision_encoder"):
+        return "int8"
+    return quant
 
 
 @contextlib.contextmanager
@@ -150,8 +172,49 @@ def _int8(src: Path, tmp: Path, part: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ops = ["MatMul", "Gather"] if part == "embed_tokens" else ["MatMul"]
-    quantize_dynamic(src, tmp, op_types_to_quantize=ops, per_channel=True, weight_type=QuantType.QInt8,
-                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    with _one_copy_of_the_weights(src):
+        quantize_dynamic(src, tmp, op_types_to_quantize=ops, per_channel=True, weight_type=QuantType.QInt8,
+                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+
+
+def _has_gemm(src: Path) -> bool:
+    """Whether the graph at SRC (or any subgraph of it) has a Gemm node; reads the graph, not its weights."""
+    import onnx
+
+    def walk(graph):
+        for node in graph.node:
+            if node.op_type == "Gemm":
+                return True
+            for attr in node.attribute:
+                subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+                if any(walk(g) for g in subgraphs):
+                    return True
+        return False
+
+    return walk(onnx.load(str(src), load_external_data=False).graph)
+
+
+@contextlib.contextmanager
+def _one_copy_of_the_weights(src: Path):
+    """quantize_dynamic loads the graph with its weights and shape inference (one copy), then ONNXQuantizer's
+    constructor re-runs shape inference by deep-copying the whole model, saving the copy and loading it again, in
+    case it turned Gemm nodes into MatMul: three copies of the weights at once (the int8 decoder of the 500M shape
+    peaked at 4.5 GB for 1.45 GB of fp32 weights, 7.4 GB for the whole export). Our graphs have no Gemm (the
+    exporter writes Linear as MatMul), so nothing changes there and the value types inferred on load still hold:
+    for a source graph without Gemm (checked before quantizing: by the time the hook runs, any Gemm is already a
+    MatMul) the reload is skipped; a graph with Gemm keeps onnxruntime's own step. onnxruntime is pinned
+    (.ci/constraints.txt); without the hook point this does nothing and the quantization only uses more memory."""
+    from onnxruntime.quantization import onnx_quantizer
+
+    original = getattr(onnx_quantizer, "save_and_reload_model_with_shape_infer", None)
+    if original is None or _has_gemm(src):
+        yield
+        return
+    onnx_quantizer.save_and_reload_model_with_shape_infer = lambda model: model
+    try:
+        yield
+    finally:
+        onnx_quantizer.save_and_reload_model_with_shape_infer = original
 
 
 def _q4(src: Path, tmp: Path, part: str, root: Path) -> None:
@@ -176,13 +239,15 @@ def _fp16(src: Path, tmp: Path, root: Path) -> None:
     onnx.save(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
 
 
-def _verify_part(src: Path, dest: Path, part: str, quant: str) -> dict:
-    """After conversion: every weight matmul (and the embedding table) is quantized; counts for the manifest."""
+def _verify_part(src: Path, dest: Path, part: str, how: str) -> dict:
+    """After conversion: every weight matmul (and the embedding table) is quantized as part_method says; counts
+    for the manifest."""
     before, after = float_weights(src), float_weights(dest)
     ops = op_counts(dest)
-    info = {"weight_matmuls": before["MatMul"]}
-    if quant == "fp16":
+    info = {"weight_matmuls": before["MatMul"], "method": how}
+    if how == "fp16":
         return info
+    quant = how
     info["quantized_matmuls"] = ops["MatMulInteger" if quant == "int8" else "MatMulNBits"]
     if after["MatMul"] or info["quantized_matmuls"] != before["MatMul"]:
         raise ArtifactError(f"{dest.name}: onnxruntime quantized {info['quantized_matmuls']} of {before['MatMul']} "
@@ -215,17 +280,24 @@ def convert_artifact(src_root: Path, dest_root: Path, quant: str, *, progress: b
     return info
 
 
+# what the vision encoder's weights are, per the method its part was converted with (part_method)
+VISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8 per channel (dynamic uint8 activations)"}
+
+
 def method(quant: str) -> dict:
     if quant == "int8":
         return {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per output channel",
-                "activations": "uint8, dynamic", "ops": ["MatMul", "Gather (embed_tokens)"]}
+                "activations": "uint8, dynamic", "ops": ["MatMul", "Gather (embed_tokens)"],
+                "vision": VISION["int8"]}
     if quant == "q4":
         return {"tool": "onnxruntime.quantization.MatMulNBitsQuantizer", "op": "MatMulNBits",
                 "bits": 4, "block_size": Q4_BLOCK_SIZE, "symmetric": True, "accuracy_level": Q4_ACCURACY_LEVEL,
-                "embedding": "uint8 per tensor (Gather + DequantizeLinear, quantize_dynamic)"}
+                "embedding": "uint8 per tensor (Gather + DequantizeLinear, quantize_dynamic)",
+                "vision": VISION["int8"]}
     if quant == "fp16":
-        return {"tool": "onnxruntime.transformers.float16", "io": "float32", "kept_fp32": list(FP16_KEEP_FP32)}
-    return {}
+        return {"tool": "onnxruntime.transformers.float16", "io": "float32", "kept_fp32": list(FP16_KEEP_FP32),
+                "vision": VISION["fp16"]}
+    return {"vision": VISION["fp32"]}
 
 
 def finish(folder: Path, quant: str, *, source: dict, tools: dict, parts: dict | None = None, **extra) -> None:

@@ -1,8 +1,9 @@
 """The one interface every backend implements, the one generation loop they all share, and the summary every
 caller (ask, serve, check, bench) reads.
 
-A backend supplies only what its engine does differently: `prefill` (encode the request's images, run the prompt,
-return the last position's logits) and `decode` (feed one token, return the next logits). `generate` -- the loop
+A backend supplies only what its engine does differently: `image_features` (the vision encoder + connector, a few
+tiles per call), `prefill` (those features merged into the prompt, the prompt run, the last position's logits) and
+`decode` (feed one token, return the next logits). `generate` -- the loop
 below -- does everything else once for every format: greedy choice, the chosen token's probability, teacher
 forcing, stop rules (end of sequence, token budget, context window), streaming text, and timing. `run()` turns the
 steps into a Result with the same timings for every format, so no caller special-cases a backend.
@@ -79,15 +80,23 @@ class Prefilled:
 
 class Backend(ABC):
     """A loaded model of one format and quant. Subclasses set name, quant, processor and load_s in __init__ and
-    implement prefill and decode."""
+    implement image_features, prefill and decode."""
 
     name: str
     quant: str
     processor: Processor
     load_s: float
+    # What the vision encoder's weights are, as the artifact's manifest records it ("fp32", "int8", "q8_0", ...):
+    # describe() and check report it, since the vision tower is quantized differently from the text model.
+    vision_weights: str = "unknown"
+    # Tiles per vision-encoder call: the encoder's activations (attention scores grow with the square of a tile's
+    # patches) are held for this many tiles at a time, not for all of a 13- or 17-tile image at once. Each
+    # backend's value was chosen by measuring peak RSS against TTFT at 13 tiles (docs/BENCH.md).
+    vision_batch: int = 1
 
     def describe(self) -> dict:
-        return {"backend": self.name, "quant": self.quant, "load_s": self.load_s}
+        return {"backend": self.name, "quant": self.quant, "load_s": self.load_s,
+                "vision": {"weights": self.vision_weights, "tiles_per_call": self.vision_batch}}
 
     def peak_memory_bytes(self) -> int | None:
         """Peak memory the engine itself accounts for, if it keeps such a figure."""
@@ -104,6 +113,12 @@ class Backend(ABC):
         return self.processor.encode(request).input_ids.tolist()
 
     # ------------------------------------------------------------------------------------ engine steps
+
+    @abstractmethod
+    def image_features(self, enc: Encoded) -> np.ndarray:
+        """The vision encoder + connector output for enc's tiles, float32 [tiles, image_seq_len, hidden], in the
+        prompt's order, computed `vision_batch` tiles per call (real_tiles + tile_batches below). prefill merges
+        exactly these (the same code path), and `check` compares them with the reference's."""
 
     @abstractmethod
     def prefill(self, enc: Encoded, budget: int) -> Prefilled:
@@ -210,6 +225,23 @@ class Backend(ABC):
             peak_memory_bytes=self.peak_memory_bytes(),
             logits=[s.logits for s in steps] if with_logits else None,
         )
+
+
+def real_tiles(pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One request's tiles [1, tiles, 3, S, S] and masks [1, tiles, S, S] -> [n, 3, S, S], [n, S, S] without
+    all-zero tiles, which are batch padding and which transformers' get_image_features drops too (if every tile is
+    zero, the first one stays)."""
+    tiles = pixel_values.reshape(-1, *pixel_values.shape[2:])
+    masks = pixel_attention_mask.reshape(-1, *pixel_attention_mask.shape[2:])
+    real = tiles.reshape(len(tiles), -1).any(axis=1)
+    real[0] |= not real.any()
+    return tiles[real], masks[real]
+
+
+def tile_batches(n_tiles: int, batch: int) -> list[slice]:
+    """Consecutive slices of at most `batch` tiles covering 0 .. n_tiles."""
+    batch = max(1, int(batch))
+    return [slice(s, min(s + batch, n_tiles)) for s in range(0, n_tiles, batch)]
 
 
 class TextStream:

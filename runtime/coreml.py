@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from pocketvlm.errors import ArtifactError, PocketVLMError
-from pocketvlm.formats.coreml import DECODER, EMBEDDINGS, FORMAT, VISION, causal_mask
+from pocketvlm.formats.coreml import (DECODER, EMBEDDINGS, FORMAT, VISION, causal_mask, compute_units,
+                                      compute_units_note)
 from pocketvlm.manifest import read_manifest
 from pocketvlm.prompt import Encoded, Processor
 
-from .base import Backend, Prefilled
+from .base import Backend, Prefilled, tile_batches
 
 
 def require_macos(path: Path) -> None:
@@ -41,6 +42,7 @@ def require_macos(path: Path) -> None:
 
 class CoreMLBackend(Backend):
     name = "coreml"
+    vision_batch = 1  # tiles per predict: unmeasured (no Mac); ONNX's measured choice, docs/BENCH.md
 
     def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None):
         self.path = Path(path)
@@ -56,7 +58,9 @@ class CoreMLBackend(Backend):
                 raise ArtifactError(f"{self.path}: {name} is missing; re-export the artifact")
         self.processor = Processor(self.path, image_size=image_size)
         self.threads = threads  # Core ML schedules its own threads; kept for describe()
-        units = ct.ComputeUnit.ALL if threads is None else ct.ComputeUnit.CPU_ONLY
+        self.vision_weights = ((manifest.get("quantization") or {}).get("vision") or self.quant)
+        # the quant's compute units (pocketvlm.formats.coreml.COMPUTE_UNITS says why int4 is off the Neural Engine)
+        units = getattr(ct.ComputeUnit, compute_units(self.quant)) if threads is None else ct.ComputeUnit.CPU_ONLY
         start = time.perf_counter()
         try:
             self.vision = ct.models.MLModel(str(self.path / VISION), compute_units=units)
@@ -80,7 +84,10 @@ class CoreMLBackend(Backend):
         decoder = self.path / DECODER / "Data" / "com.apple.CoreML" / "weights"
         read = sum(f.stat().st_size for f in decoder.rglob("*") if f.is_file())
         return {**super().describe(), "engine": f"Core ML (coremltools {ct.__version__})",
-                "compute_units": self.units.name, "max_context": self.max_context,
+                "compute_units": self.units.name,
+                **({"compute_units_note": note} if (note := compute_units_note(self.quant)) and self.threads is None
+                   else {}),
+                "max_context": self.max_context,
                 "decode_weight_bytes": read}
 
     # ------------------------------------------------------------------------------------------- the parts
@@ -89,17 +96,17 @@ class CoreMLBackend(Backend):
         """[1, seq] -> [1, seq, hidden] float32 (the table is fp16 on disk)."""
         return np.asarray(self.embeddings[np.asarray(input_ids, dtype=np.int64)], dtype=np.float32)
 
-    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        """[1, tiles, 3, S, S] -> [tiles * image_seq_len, hidden]. Tiles from pocketvlm.prompt are full squares
-        (no padding tile for a single request); more tiles than the package's range run in several calls."""
-        tiles = np.ascontiguousarray(pixel_values.reshape(-1, *pixel_values.shape[2:]), dtype=np.float32)
-        out = []
-        for i in range(0, len(tiles), self.max_tiles):
-            feats = self.vision.predict({"pixel_values": tiles[i:i + self.max_tiles]})["image_features"]
-            out.append(np.asarray(feats, dtype=np.float32).reshape(-1, feats.shape[-1]))
-        return np.concatenate(out)
+    def image_features(self, enc: Encoded) -> np.ndarray:
+        """[1, tiles, 3, S, S] -> [tiles, image_seq_len, hidden], vision_batch tiles per predict (never more than
+        the package's tile range). Tiles from pocketvlm.prompt are full squares (no padding tile for a single
+        request)."""
+        tiles = np.ascontiguousarray(enc.pixel_values.reshape(-1, *enc.pixel_values.shape[2:]), dtype=np.float32)
+        parts = [np.asarray(self.vision.predict({"pixel_values": tiles[b]})["image_features"], dtype=np.float32)
+                 for b in tile_batches(len(tiles), min(self.vision_batch, self.max_tiles))]
+        return np.concatenate(parts)
 
     def merge(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray) -> np.ndarray:
+        features = features.reshape(-1, features.shape[-1])
         slots = input_ids == self.processor.image_token_id
         if int(slots.sum()) != len(features):
             raise ArtifactError(f"{self.path}: the vision encoder gave {len(features)} image embeddings for "
@@ -126,7 +133,7 @@ class CoreMLBackend(Backend):
     def prefill(self, enc: Encoded, budget: int) -> Prefilled:
         ids = enc.input_ids[None]
         start = time.perf_counter()
-        features = self.image_features(enc.pixel_values) if enc.pixel_values is not None else None
+        features = self.image_features(enc) if enc.pixel_values is not None else None
         encoded = time.perf_counter()
         embeds = self.embed_tokens(ids)
         if features is not None:

@@ -35,6 +35,12 @@ from .base import Backend, Prefilled
 
 # ------------------------------------------------------------------------------------------------ backend
 
+def mmproj_quant(manifest: dict, mmproj: Path) -> str:
+    """The mmproj's weight type as the export recorded it (gguf.mmproj_quant), else its file name's."""
+    recorded = (manifest.get("gguf") or {}).get("mmproj_quant")
+    return recorded if isinstance(recorded, str) else mmproj.stem.removeprefix("mmproj-")
+
+
 def cpu_has_amx() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -67,6 +73,7 @@ class Prefill:
 class GGUFBackend(Backend):
     name = "gguf"
     N_BATCH = 512  # tokens (or image embeddings) per llama_decode call
+    vision_batch = 1  # mtmd encodes one image per call: each tile is its own image here (see the module doc)
 
     def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None,
                  adapter: Path | None = None):
@@ -77,6 +84,7 @@ class GGUFBackend(Backend):
         self.quant = manifest.get("quant", "unknown")
         self.processor = Processor(self.path, image_size=image_size)
         self.model_file, self.mmproj_file = artifact_files(self.path, manifest)
+        self.vision_weights = mmproj_quant(manifest, self.mmproj_file)
         model_info = read_gguf(self.model_file, "text model")
         mmproj_info = read_gguf(self.mmproj_file, "mmproj")
         check_pair(model_info, mmproj_info)
@@ -285,6 +293,11 @@ class GGUFBackend(Backend):
             mtmd.mtmd_input_chunks_free(chunks)
             mtmd.mtmd_bitmap_free(bitmap)
 
+    def image_features(self, enc: Encoded) -> np.ndarray:
+        """[tiles, image_seq_len, n_embd]: each tile through mtmd's vision encoder + projector, one at a time."""
+        return np.stack([self._encode_tile(self._tile_pixels(tile, mask))
+                         for tile, mask in zip(enc.pixel_values[0], enc.pixel_attention_mask[0])])
+
     # ------------------------------------------------------------------------------------------ decoding
 
     def _segments(self, ids: np.ndarray, n_tiles: int) -> list[tuple[str, int, int]]:
@@ -336,10 +349,7 @@ class GGUFBackend(Backend):
     def prefill(self, enc: Encoded, budget: int) -> Prefilled:
         ids = enc.input_ids
         start = time.perf_counter()
-        embeddings = []
-        if enc.pixel_values is not None:
-            for tile, mask in zip(enc.pixel_values[0], enc.pixel_attention_mask[0]):
-                embeddings.append(self._encode_tile(self._tile_pixels(tile, mask)))
+        embeddings = self.image_features(enc) if enc.pixel_values is not None else []
         encoded = time.perf_counter()
         segments = self._segments(ids, len(embeddings))
         self._ensure_context(min(self.context_length, len(ids) + budget))
@@ -357,7 +367,7 @@ class GGUFBackend(Backend):
         memory = self._llama.llama_get_memory(self._ctx)
         self.last_prefill = Prefill(token_ids=fed, tiles=len(embeddings),
                                     n_past=self._llama.llama_memory_seq_pos_max(memory, 0) + 1)
-        return Prefilled(self._logits(), (encoded - start) if embeddings else None)
+        return Prefilled(self._logits(), (encoded - start) if len(embeddings) else None)
 
     def decode(self, state, token_id: int, position: int):
         self._decode_tokens([token_id])

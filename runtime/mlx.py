@@ -20,7 +20,7 @@ from pocketvlm.errors import ArtifactError
 from pocketvlm.manifest import read_manifest
 from pocketvlm.prompt import Encoded, Processor
 
-from .base import Backend, Prefilled
+from .base import Backend, Prefilled, real_tiles, tile_batches
 
 LINUX_NOTE = ("MLX on Linux runs on its CPU backend with the reference BLAS of the mlx-cpu wheel (fp32 matmul "
               "~2 GFLOP/s on 2 cores; preloading OpenBLAS, e.g. LD_PRELOAD=/usr/lib/x86_64-linux-gnu/"
@@ -29,8 +29,19 @@ LINUX_NOTE = ("MLX on Linux runs on its CPU backend with the reference BLAS of t
               "users see")
 
 
+def vision_weights(manifest: dict, quant: str) -> str:
+    """What the vision tower's weights are, as the manifest records it (quantize/mlx.py vision_summary); artifacts
+    made before that said only "quantized"."""
+    q = manifest.get("quantization") or {}
+    vision = q.get("vision")
+    if vision == "quantized":
+        return f"{q.get('bits')}bit g{q.get('group_size')}"
+    return vision if isinstance(vision, str) else quant
+
+
 class MLXBackend(Backend):
     name = "mlx"
+    vision_batch = 1  # unmeasured at 500M (mlx-cpu is ~100x too slow); ONNX's measured choice, docs/BENCH.md
 
     def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None,
                  adapter: Path | None = None):
@@ -38,7 +49,9 @@ class MLXBackend(Backend):
         from mlx_vlm.utils import load_model
 
         self.path = Path(path)
-        self.quant = (read_manifest(self.path) or {}).get("quant", "unknown")
+        manifest = read_manifest(self.path) or {}
+        self.quant = manifest.get("quant", "unknown")
+        self.vision_weights = vision_weights(manifest, self.quant)
         self.processor = Processor(self.path, image_size=image_size)
         start = time.perf_counter()
         try:
@@ -89,6 +102,33 @@ class MLXBackend(Backend):
         prob = mx.exp(logits[token].astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32)))
         return logits, token, prob
 
+    def _vision(self, enc: Encoded):
+        """mlx-vlm's vision tower + connector on vision_batch tiles at a time, as its get_input_embeddings computes
+        them (patch mask from the pixel mask, NHWC pixels, features cast to the pixels' dtype before the
+        connector) -> [tiles, image_seq_len, hidden], still on the device."""
+        import mlx.core as mx
+
+        tiles, masks = real_tiles(enc.pixel_values, enc.pixel_attention_mask)
+        patch = self.model.config.vision_config.patch_size
+        parts = []
+        for batch in tile_batches(len(tiles), self.vision_batch):
+            pixels, mask = mx.array(tiles[batch]), masks[batch]
+            n, h, w = mask.shape
+            ph, pw = h // patch, w // patch
+            patch_mask = mx.array(mask[:, :ph * patch, :pw * patch].reshape(n, ph, patch, pw, patch)
+                                  .any(axis=(2, 4)))
+            hidden, *_ = self.model.vision_model(pixels.transpose(0, 2, 3, 1), patch_attention_mask=patch_mask,
+                                                 output_hidden_states=True)
+            features = self.model.connector(hidden.astype(pixels.dtype))
+            mx.eval(features)  # this batch's activations are freed before the next batch
+            parts.append(features)
+        return mx.concatenate(parts)
+
+    def image_features(self, enc: Encoded) -> np.ndarray:
+        import mlx.core as mx
+
+        return np.array(self._vision(enc).astype(mx.float32))
+
     def prefill(self, enc: Encoded, budget: int) -> Prefilled:
         import mlx.core as mx
         from mlx_vlm.models.cache import make_prompt_cache
@@ -97,9 +137,11 @@ class MLXBackend(Backend):
         ids = mx.array(enc.input_ids)[None]
         start = time.perf_counter()
         if enc.pixel_values is not None:
+            features = mx.array(self.image_features(enc))  # float32 either way: the connector's output dtype
+            # mlx-vlm's own merge (its masked scatter at the <image> positions) of exactly those features
             embeds = self.model.get_input_embeddings(
-                ids, mx.array(enc.pixel_values), pixel_attention_mask=mx.array(enc.pixel_attention_mask)
-            ).inputs_embeds
+                ids, mx.array(enc.pixel_values), pixel_attention_mask=mx.array(enc.pixel_attention_mask),
+                cached_image_features=features.reshape(-1, features.shape[-1])).inputs_embeds
         else:
             embeds = language.embed_tokens(ids)
         mx.eval(embeds)

@@ -19,11 +19,12 @@ from pocketvlm.formats.onnx import DATA_SUFFIX, PARTS, SUFFIXES, part_file, past
 from pocketvlm.manifest import read_manifest
 from pocketvlm.prompt import Encoded, Processor
 
-from .base import Backend, Prefilled
+from .base import Backend, Prefilled, real_tiles, tile_batches
 
 
 class ONNXBackend(Backend):
     name = "onnx"
+    vision_batch = 1  # 13 tiles peak at 1.5 GB (2.8 GB at 4 per call, 5.3 GB at 13); docs/BENCH.md
 
     def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None):
         import onnxruntime as ort
@@ -34,6 +35,7 @@ class ONNXBackend(Backend):
         if self.quant not in SUFFIXES:
             raise ArtifactError(f"{self.path}: unknown ONNX quant {self.quant!r} in pocketvlm.json; re-export")
         self.processor = Processor(self.path, image_size=image_size)
+        self.vision_weights = vision_weights(manifest, self.quant)
         self.threads = threads
         self.files = {part: self.path / part_file(self.quant, part) for part in PARTS}
         listed = {entry["path"] for entry in manifest.get("files", [])}
@@ -80,21 +82,18 @@ class ONNXBackend(Backend):
         """[batch, seq] int64 -> [batch, seq, hidden] float32."""
         return self.embed.run(None, {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)})[0]
 
-    def image_features(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> np.ndarray:
-        """Vision encoder + connector for one request's tiles, [1, tiles, 3, S, S] -> [tokens, hidden].
-
-        All-zero tiles are batch padding and are dropped first, as transformers' get_image_features does (if every
-        tile is zero, the first one stays)."""
-        tiles = pixel_values.reshape(-1, *pixel_values.shape[2:])
-        masks = pixel_attention_mask.reshape(-1, *pixel_attention_mask.shape[2:])
-        real = tiles.reshape(len(tiles), -1).any(axis=1)
-        real[0] |= not real.any()
-        feats = self.vision.run(None, {"pixel_values": np.ascontiguousarray(tiles[real][None], dtype=np.float32),
-                                       "pixel_attention_mask": np.ascontiguousarray(masks[real][None], dtype=bool)})[0]
-        return feats.reshape(-1, feats.shape[-1])
+    def image_features(self, enc: Encoded) -> np.ndarray:
+        """Vision encoder + connector for one request's tiles -> [tiles, image_seq_len, hidden], vision_batch
+        tiles per session call (padding tiles dropped first, as transformers does)."""
+        tiles, masks = real_tiles(enc.pixel_values, enc.pixel_attention_mask)
+        parts = [self.vision.run(None, {"pixel_values": np.ascontiguousarray(tiles[b][None], dtype=np.float32),
+                                        "pixel_attention_mask": np.ascontiguousarray(masks[b][None], dtype=bool)})[0]
+                 for b in tile_batches(len(tiles), self.vision_batch)]
+        return np.concatenate(parts).astype(np.float32, copy=False)
 
     def merge(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray) -> np.ndarray:
         """Write image features over the embeddings of the <image> tokens, in order (masked_scatter's order)."""
+        features = features.reshape(-1, features.shape[-1])
         slots = input_ids == self.processor.image_token_id
         if int(slots.sum()) != len(features):
             raise ArtifactError(f"{self.path}: the vision encoder gave {len(features)} image embeddings for "
@@ -137,8 +136,7 @@ class ONNXBackend(Backend):
     def prefill(self, enc: Encoded, budget: int) -> Prefilled:
         ids = enc.input_ids[None]
         start = time.perf_counter()
-        features = (self.image_features(enc.pixel_values, enc.pixel_attention_mask)
-                    if enc.pixel_values is not None else None)
+        features = self.image_features(enc) if enc.pixel_values is not None else None
         encoded = time.perf_counter()
         embeds = self.embed_tokens(ids)
         if features is not None:
@@ -153,6 +151,13 @@ class ONNXBackend(Backend):
         logits, state["past"] = self.step(step_embeds, np.ones((1, position + 1), np.int64),
                                           np.array([[position]], np.int64), state["past"])
         return logits[0, -1]
+
+
+def vision_weights(manifest: dict, quant: str) -> str:
+    """What the vision encoder's weights are: the manifest says (quantize/onnx.py method()); artifacts made before it
+    did had the vision encoder in the artifact's own quant."""
+    info = ((manifest.get("onnx") or {}).get("quantization") or {}).get("vision")
+    return info if isinstance(info, str) else quant
 
 
 def _session(ort, path: Path, options, root: Path):

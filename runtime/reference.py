@@ -11,14 +11,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from pocketvlm.prompt import Encoded, Processor
 
-from .base import Backend, Prefilled
+from .base import Backend, Prefilled, real_tiles, tile_batches
 
 
 class ReferenceBackend(Backend):
     name = "reference"
     quant = "fp32"
+    vision_weights = "fp32"
+    vision_batch = 4  # the same peak at 1, 4, 13 (the weights dominate), least CPU at 4; docs/BENCH.md
 
     def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None):
         import torch
@@ -45,16 +49,36 @@ class ReferenceBackend(Backend):
         return {**super().describe(), "engine": f"transformers {transformers.__version__}",
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "decode_weight_bytes": read}
 
+    def _vision(self, enc: Encoded):
+        """get_image_features on vision_batch tiles at a time -> torch float32 [tiles, image_seq_len, hidden]."""
+        import torch
+
+        tiles, masks = real_tiles(enc.pixel_values, enc.pixel_attention_mask)
+        parts = []
+        for batch in tile_batches(len(tiles), self.vision_batch):
+            out = self.model.get_image_features(pixel_values=torch.from_numpy(tiles[batch][None]),
+                                                pixel_attention_mask=torch.from_numpy(masks[batch][None]),
+                                                return_dict=True)
+            parts += [f.reshape(-1, self.processor.config.image_seq_len, f.shape[-1]) for f in out.pooler_output]
+        return torch.cat(parts)
+
+    def image_features(self, enc: Encoded) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self._vision(enc).float().numpy()
+
     def prefill(self, enc: Encoded, budget: int) -> Prefilled:
         import torch
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         with torch.inference_mode():
             start = time.perf_counter()
             vision = None
             if enc.pixel_values is not None:
-                vision = self.model.get_image_features(
-                    pixel_values=torch.from_numpy(enc.pixel_values),
-                    pixel_attention_mask=torch.from_numpy(enc.pixel_attention_mask), return_dict=True)
+                features = torch.from_numpy(self.image_features(enc))
+                # the model's own merge (masked_scatter at the <image> positions) of exactly those features
+                vision = BaseModelOutputWithPooling(pooler_output=features.reshape(-1, features.shape[-1]))
             encoded = time.perf_counter()
             input_ids = torch.from_numpy(enc.input_ids)[None]
             out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),

@@ -539,7 +539,10 @@ class Chatty(Backend):
         self.processor = reference.processor
         self.token = next(t for t in range(100) if t not in reference.processor.eos_token_ids)
 
-    def prefill(self, enc, budget):  # generate is replaced whole below: the engine steps never run
+    def image_features(self, enc):  # generate is replaced whole below: the engine steps never run
+        raise NotImplementedError
+
+    def prefill(self, enc, budget):
         raise NotImplementedError
 
     def decode(self, state, token_id, position):

@@ -42,6 +42,7 @@ def coreml_exports(tiny_model, tmp_path_factory):
         proc = run_cli("export", tiny_model, "--to", "coreml", "--quant", quant, "--max-context", 256,
                        "--out", root / quant, "--quiet")
         assert proc.returncode == 0, proc.stderr
+        assert ("not the Neural Engine" in proc.stderr) == (quant == "int4"), proc.stderr  # the note, even quiet
         out[quant] = root / quant
     return out
 
@@ -159,8 +160,15 @@ def test_weights_are_compressed_per_quant_and_sizes_shrink(coreml_exports):
         assert info[quant]["coreml"]["packages"][DECODER]["ops"].get(op_name, 0) == count, quant
     assert info["int4"]["quantization"] == {"method": "linear_symmetric", "dtype": "int4", "weight_threshold": 2048,
                                             "granularity": "per_block", "block_size": 32,
-                                            "conv": "int8 per_channel"}
+                                            "conv": "int8 per_channel",
+                                            "vision": "int4 per block of 32 (patch convolution int8 per channel)"}
     assert info["int8"]["quantization"]["granularity"] == "per_channel"
+    assert info["int8"]["quantization"]["vision"] == "int8 per channel"
+    assert info["fp16"]["quantization"]["vision"] == "fp16"
+    # the compute units each quant loads with (int4 off the Neural Engine: apple/coreai-models#279,
+    # apple/coremltools#2716), recorded where a consumer of the artifact reads it
+    assert {q: m["coreml"]["compute_units"] for q, m in info.items()} == {"fp16": "ALL", "int8": "ALL",
+                                                                           "int4": "CPU_AND_GPU"}
 
 
 def decompressed_weights(package) -> dict[str, np.ndarray]:
@@ -200,6 +208,36 @@ def test_decompressed_weights_drift_from_the_originals_within_bounds(coreml_expo
         assert low <= value <= high, (key, value)
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_decompressed_vision_weights_keep_the_features_within_the_vision_gate(coreml_exports, wrapped, tiny_model,
+                                                                              quant):
+    """What `check` would measure on a Mac, simulated in torch (fp32 compute): the vision wrapper with the Core ML
+    package's decompressed weights against the original, per tile, gated by fidelity.json's vision_cosine_min."""
+    import copy
+
+    import torch
+
+    from pocketvlm.quantize.fidelity import gate, tile_cosines
+
+    _, vision, _ = wrapped
+    weights = decompressed_weights(coreml_exports[quant] / VISION)
+    simulated = copy.deepcopy(vision)
+    replaced = 0
+    with torch.no_grad():
+        for name, param in simulated.named_parameters():
+            key = name.replace(".", "_")
+            if key in weights:
+                param.copy_(torch.from_numpy(weights[key]).reshape(param.shape))
+                replaced += 1
+    assert replaced >= 14
+    enc = Processor(tiny_model).encode(Request("What is it?", images=[draw_image(200, 150)]))
+    with torch.no_grad():
+        pixels = torch.from_numpy(enc.pixel_values[0])
+        cosines = tile_cosines(vision(pixels).numpy(), simulated(pixels).numpy())
+    assert len(cosines) == 5
+    assert 1 - 1e-7 > cosines.min() >= gate("coreml", quant)["vision_cosine_min"], cosines
+
+
 # ------------------------------------------------------------------------------------------- user-facing
 
 @pytest.mark.skipif(platform.system() == "Darwin", reason="the refusal is for systems without Core ML")
@@ -218,8 +256,16 @@ def test_quantize_an_fp16_artifact(coreml_exports, tmp_path):
     expected = load_json(coreml_exports["int8"] / "pocketvlm.json")["coreml"]["packages"]
     for name in (VISION, DECODER):
         assert manifest["coreml"]["packages"][name]["weight_bytes"] == expected[name]["weight_bytes"]
+    assert "Neural Engine" not in proc.stderr  # int8 is per channel: no trap to warn about
     assert_user_error(run_cli("quantize", out, "--quant", "int4", "--out", tmp_path / "again"),
                       "is int8; quantize from an fp16 coreml export")
+    # int4, even with --quiet: one note line naming both upstream reports, and the artifact records CPU_AND_GPU
+    proc = run_cli("quantize", coreml_exports["fp16"], "--quant", "int4", "--out", tmp_path / "q4", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("pocketvlm: note: ")]
+    assert len(notes) == 1 and "not the Neural Engine" in notes[0], proc.stderr
+    assert "coreai-models#279" in notes[0] and "coremltools#2716" in notes[0]
+    assert load_json(tmp_path / "q4" / "pocketvlm.json")["coreml"]["compute_units"] == "CPU_AND_GPU"
     assert_user_error(run_cli("quantize", coreml_exports["fp16"], "--quant", "int2", "--out", tmp_path / "x"),
                       "unknown --quant 'int2' for coreml")
 

@@ -101,16 +101,20 @@ def test_export_writes_text_model_mmproj_processor_and_manifest(exports):
     for quant, folder in exports.items():
         m = load_json(folder / "pocketvlm.json")
         assert m["format"] == "gguf" and m["quant"] == quant
-        assert m["gguf"]["model"] == f"model-{quant}.gguf" and m["gguf"]["mmproj"] == "mmproj-f16.gguf"
-        assert {f["path"] for f in m["files"]} >= {f"model-{quant}.gguf", "mmproj-f16.gguf", "tokenizer.json",
+        # the vision encoder + projector: q8_0 beside a quantized text model, f16 beside f16 (--vision-quant)
+        vision = "f16" if quant == "f16" else "q8_0"
+        mmproj_file = f"mmproj-{vision}.gguf"
+        assert m["gguf"]["model"] == f"model-{quant}.gguf" and m["gguf"]["mmproj"] == mmproj_file
+        assert m["gguf"]["mmproj_quant"] == vision
+        assert {f["path"] for f in m["files"]} >= {f"model-{quant}.gguf", mmproj_file, "tokenizer.json",
                                                    "config.json", "preprocessor_config.json"}
         assert m["tools"]["llama-cpp-python"] and "sdist" in m["tools"]["converter"]
         assert m["gguf"]["pre_tokenizer_fallback"] == "smollm"  # the tiny tokenizer is trained here
-        model, mmproj = read_gguf(folder / m["gguf"]["model"]), read_gguf(folder / "mmproj-f16.gguf")
+        model, mmproj = read_gguf(folder / m["gguf"]["model"]), read_gguf(folder / mmproj_file)
         assert model.architecture == "llama" and mmproj.architecture == "clip"
         assert model.metadata["tokenizer.ggml.pre"] == "smollm"
         assert mmproj.metadata["clip.projector_type"] == "idefics3"
-        assert "f16" in mmproj.type_counts() and "q8_0" not in mmproj.type_counts()  # the mmproj stays f16
+        assert (vision in mmproj.type_counts()) and ("q8_0" not in mmproj.type_counts()) == (vision == "f16")
         bpw[quant] = m["gguf"]["bits_per_weight"]
         Processor(folder)  # the artifact carries everything the prompt needs
         assert not list(folder.parent.glob("*.partial-*"))
@@ -118,17 +122,73 @@ def test_export_writes_text_model_mmproj_processor_and_manifest(exports):
     assert bpw["f16"] > bpw["q8_0"] > bpw["q4_k_m"] > 4.5
 
 
-def test_mmproj_q8_0_on_request(tiny_model, tmp_path):
-    from pocketvlm.formats.gguf_reader import read_gguf
+def gguf_py_types(path: Path) -> dict[str, int]:
+    """Tensor types of a GGUF file as gguf-py (llama.cpp's own Python reader) reads them."""
+    import collections
 
-    out = tmp_path / "mq8"
-    proc = run_cli("export", tiny_model, "--to", "gguf", "--mmproj-quant", "q8_0", "--out", out, "--quiet")
+    import gguf as gguf_py
+
+    return dict(collections.Counter(t.tensor_type.name.lower() for t in gguf_py.GGUFReader(path).tensors))
+
+
+def test_q8_0_mmproj_is_q8_0_and_answers(exports, reference, tmp_path):
+    """The q8_0 export's mmproj: every 2-D weight whose rows divide into 32-value blocks is q8_0 (gguf-py reads
+    it), the rest f16/f32 as llama.cpp's converter leaves them; mtmd loads it and its features stay close to the
+    reference's; the f16 export keeps no q8_0 tensor."""
+    import gguf as gguf_py
+
+    from pocketvlm.quantize.fidelity import vision_fidelity
+
+    path = exports["q8_0"] / "mmproj-q8_0.gguf"
+    types = gguf_py_types(path)
+    assert types.get("q8_0", 0) > 10 and set(types) <= {"q8_0", "f16", "f32"}
+    for t in gguf_py.GGUFReader(path).tensors:
+        if t.tensor_type.name == "Q8_0":
+            assert int(t.shape[0]) % 32 == 0  # ne0, the row length, in whole blocks
+    assert "q8_0" not in gguf_py_types(exports["f16"] / "mmproj-f16.gguf")
+    from pocketvlm.runtime.gguf import GGUFBackend
+
+    backend = GGUFBackend(exports["q8_0"])
+    try:
+        assert backend.vision_weights == "q8_0" and backend.describe()["vision"]["weights"] == "q8_0"
+        cosines = vision_fidelity(reference, backend, Request(QUESTION, images=[draw_image()]))
+    finally:
+        backend.close()
+    assert cosines.min() >= gate("gguf", "q8_0")["vision_cosine_min"]
+    proc = run_cli("ask", exports["q8_0"], QUESTION, "--image", _image(tmp_path), "--max-tokens", 4, "--json")
     assert proc.returncode == 0, proc.stderr
-    m = load_json(out / "pocketvlm.json")
-    assert m["quant"] == "f16" and m["gguf"]["mmproj"] == "mmproj-q8_0.gguf"
-    assert "q8_0" in read_gguf(out / "mmproj-q8_0.gguf").type_counts()
-    proc = run_cli("ask", out, QUESTION, "--image", _image(tmp_path), "--max-tokens", 4, "--json")
+    assert json.loads(proc.stdout)["token_ids"]
+
+
+def test_vision_quant_f16_and_its_mmproj_quant_alias(tiny_model, tmp_path):
+    for flag in ("--vision-quant", "--mmproj-quant"):
+        out = tmp_path / flag.strip("-")
+        proc = run_cli("export", tiny_model, "--to", "gguf", "--quant", "q8_0", flag, "f16", "--out", out, "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        m = load_json(out / "pocketvlm.json")
+        assert m["quant"] == "q8_0" and m["gguf"]["mmproj"] == "mmproj-f16.gguf" and m["gguf"]["mmproj_quant"] == "f16"
+        assert "q8_0" not in gguf_py_types(out / "mmproj-f16.gguf")
+        assert not (out / "mmproj-q8_0.gguf").exists()
+    proc = run_cli("export", tiny_model, "--to", "gguf", "--mmproj-quant", "q8_0", "--out", tmp_path / "f16q8",
+                   "--quiet")
     assert proc.returncode == 0, proc.stderr
+    assert load_json(tmp_path / "f16q8" / "pocketvlm.json")["gguf"]["mmproj"] == "mmproj-q8_0.gguf"
+
+
+@pytest.mark.parametrize("flag", ["--vision-quant", "--mmproj-quant"])
+def test_unknown_vision_quant_is_one_line_and_writes_nothing(tiny_model, tmp_path, flag):
+    out = tmp_path / "out"
+    proc = run_cli("export", tiny_model, "--to", "gguf", "--quant", "q8_0", flag, "q4_0", "--out", out)
+    assert_user_error(proc, "invalid choice: 'q4_0'", "f16", "q8_0")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # and through the API, which the CLI's choices do not guard
+    from pocketvlm.export import gguf as export_gguf
+    from pocketvlm.models import resolve_source
+
+    with pytest.raises(PocketVLMError, match="unknown --vision-quant 'q4_0'"):
+        export_gguf.export(resolve_source(str(tiny_model)), out, "q8_0", force=False, progress=False,
+                           vision_quant="q4_0")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_q4_k_m_reports_fallbacks_and_bits_per_weight(exports):
@@ -226,8 +286,12 @@ def test_check_reports_and_passes_the_gates(exports, tmp_path, quant):
     proc = run_cli("check", exports[quant], "--report", report_file)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout
+    vision = "f16" if quant == "f16" else "q8_0"
+    assert f"vision encoder {vision}" in proc.stdout
     report = load_json(report_file)
     assert report["format"] == "gguf" and report["quant"] == quant and report["pass"]
+    assert report["vision_weights"] == vision and report["summary"]["vision_tiles"] > 0
+    assert report["summary"]["vision_cosine_min"] >= report["thresholds"]["vision_cosine_min"]
     assert report["thresholds"] == gate("gguf", quant) and report["thresholds"]
     s = report["summary"]
     assert {"greedy_match", "kld_mean", "kld_max", "top1"} <= set(s)
@@ -304,7 +368,14 @@ def test_quantize_an_f16_artifact_reports_fallbacks(exports, tmp_path):
     # the same llama.cpp quantizer as `export --quant q4_k_m`: the same tensors
     exported = load_json(exports["q4_k_m"] / "pocketvlm.json")["quantization"]
     assert m["quantization"]["types"] == exported["types"]
+    # the f16 mmproj becomes q8_0, as `export --quant q4_k_m` makes it (gguf-py's q8_0 from the f16 values, the
+    # converter's from the checkpoint's: the same types, tensor by tensor)
+    assert m["gguf"]["mmproj"] == "mmproj-q8_0.gguf" and m["gguf"]["mmproj_quant"] == "q8_0"
+    assert not (out / "mmproj-f16.gguf").exists()
+    assert gguf_py_types(out / "mmproj-q8_0.gguf") == gguf_py_types(exports["q4_k_m"] / "mmproj-q8_0.gguf")
     proc = run_cli("ask", out, QUESTION, "--max-tokens", 3, "--json")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("ask", out, QUESTION, "--image", _image(tmp_path), "--max-tokens", 3, "--json")
     assert proc.returncode == 0, proc.stderr
 
 

@@ -114,7 +114,7 @@ def test_batch_of_two_with_left_padding_gives_each_row_its_own_logits(backends):
     for request in requests:
         enc = backend.processor.encode(request)
         ids = enc.input_ids[None]
-        features = backend.image_features(enc.pixel_values, enc.pixel_attention_mask)
+        features = backend.image_features(enc)
         rows.append(backend.merge(ids, backend.embed_tokens(ids), features)[0])
     lengths = [len(r) for r in rows]
     assert lengths[0] != lengths[1]
@@ -141,21 +141,29 @@ def test_batch_of_two_with_left_padding_gives_each_row_its_own_logits(backends):
                    for name, value in zip(backend.output_names[1:], outputs[1:])}}
 
 
-def test_q4_logits_are_exactly_the_dequantized_weights(onnx_exports, tiny_model):
-    """Unpack every MatMulNBits weight (and the 8-bit embedding table) of the q4 artifact, load the dequantized weights into
-    the transformers model, and run it: its logits must be onnxruntime's q4 logits (fp32 arithmetic on both)."""
+def test_q4_graphs_are_their_dequantized_weights(onnx_exports, tiny_model):
+    """Unpack every MatMulNBits weight (and the 8-bit embedding table) of the q4 artifact's text side, load the
+    dequantized weights into the transformers model, and run a text prompt (the int8 vision encoder is not
+    involved): onnxruntime's q4 logits are that model's, up to the int8 activations of accuracy_level 4 -- far
+    closer to it than to the fp32 model. The vision encoder is int8 (MatMulInteger), every MatMul quantized."""
     import onnx
     import torch
     from onnx import numpy_helper
 
+    from pocketvlm.quantize.onnx import Q4_ACCURACY_LEVEL
     from pocketvlm.runtime.reference import ReferenceBackend
 
     ref = ReferenceBackend(tiny_model)
     params = dict(ref.model.named_parameters())
-    expected = {f"{name}.weight" for name, module in ref.model.named_modules() if isinstance(module, torch.nn.Linear)}
+    vision = ("model.vision_model", "model.connector")
+    expected = {f"{name}.weight" for name, module in ref.model.named_modules()
+                if isinstance(module, torch.nn.Linear) and not name.startswith(vision)}
     expected.add("model.text_model.embed_tokens.weight")
     loaded = set()
-    for part in PARTS:
+    vision = onnx.load(str(onnx_exports["q4"] / part_file("q4", "vision_encoder")), load_external_data=False)
+    ops = [n.op_type for n in vision.graph.node]
+    assert "MatMulNBits" not in ops and ops.count("MatMulInteger") >= 4
+    for part in ("embed_tokens", "decoder_model_merged"):
         graph = onnx.load(str(onnx_exports["q4"] / part_file("q4", part)))
         weights = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
         for node in graph.graph.node:
@@ -163,6 +171,7 @@ def test_q4_logits_are_exactly_the_dequantized_weights(onnx_exports, tiny_model)
             if node.op_type == "MatMulNBits":
                 k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
                 assert attrs["bits"] == 4 and block == 32 and len(node.input) == 3  # symmetric: zero point 8
+                assert attrs["accuracy_level"] == Q4_ACCURACY_LEVEL == 4
                 packed = weights[node.input[1]]  # [N, blocks, block/2], low nibble first
                 q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.float32)
                 scales = np.repeat(weights[node.input[2]].reshape(n, -1), block, axis=1)
@@ -182,14 +191,15 @@ def test_q4_logits_are_exactly_the_dequantized_weights(onnx_exports, tiny_model)
             with torch.no_grad():
                 params[name].copy_(torch.from_numpy(np.ascontiguousarray(w)))
             loaded.add(name)
-    assert loaded == expected  # every weight matmul is 4-bit, the embedding table 8-bit, and all were checked
+    assert loaded == expected  # every text weight matmul is 4-bit, the embedding table 8-bit, and all were checked
 
-    request = circle_request()
+    request = Request("Name three colors.")
     ours = list(open_backend(onnx_exports["q4"]).generate(request, 4, ignore_eos=True, with_logits=True))
     theirs = list(ref.generate(request, 4, with_logits=True, force=[s.token_id for s in ours]))
-    fp32 = list(ReferenceBackend(tiny_model).generate(request, 1, with_logits=True))
-    for a, b in zip(ours, theirs):
-        assert np.abs(a.logits - b.logits).max() < 2e-4
+    fp32 = list(ReferenceBackend(tiny_model).generate(request, 4, with_logits=True, force=[s.token_id for s in ours]))
+    for a, b, c in zip(ours, theirs, fp32):
+        to_dequantized, to_fp32 = np.abs(a.logits - b.logits).max(), np.abs(a.logits - c.logits).max()
+        assert to_dequantized < 0.25 * to_fp32, (to_dequantized, to_fp32)
     assert np.abs(ours[0].logits - fp32[0].logits).max() > 0.1  # 4-bit is visibly not fp32: the match means something
 
 

@@ -19,10 +19,15 @@ class Option:
     type: Callable | None = None
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    aliases: tuple[str, ...] = ()  # older names still accepted on the command line, same destination
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return (self.flag, *("--" + a.replace("_", "-") for a in self.aliases))
 
     def argparse_kwargs(self) -> dict:
         kwargs = {"dest": self.name, "help": self.help}

@@ -31,6 +31,29 @@ MASKED = -1e4  # the causal mask's "no": finite, so fp16 softmax never sees inf 
 TARGETS = ("iOS18", "macOS15", "watchOS11", "tvOS18")
 DEFAULT_MAX_CONTEXT = 4096
 
+# The compute units an artifact is loaded with (unless --threads pins CPU_ONLY), per quant, chosen against two
+# upstream traps for low-bit models:
+#   apple/coreai-models #279: 8-bit *per-block* int weights give wrong output on the Neural Engine. Our int8 is per
+#     output channel, not per block: avoided, int8 runs everywhere (ALL).
+#   apple/coremltools #2716: 4-bit *palettized stateful* models built with coremltools 9.0 crash on CPU_AND_NE.
+#     Our int4 is linear, not palettized (quantize/coreml.py's palettize path, exactly that case, is not a --quant),
+#     but it is 4-bit, stateful, built with the same coremltools, and per block -- the granularity #279 reports
+#     wrong on the Neural Engine and coremltools' docs aim at the GPU. So int4 stays off the Neural Engine.
+# Unverified on a Mac (none here): the export and the README say so.
+COMPUTE_UNITS = {"fp16": "ALL", "int8": "ALL", "int4": "CPU_AND_GPU"}
+INT4_NOTE = ("int4 Core ML artifacts run on CPU and GPU, not the Neural Engine: 4-bit per-block weights in a "
+             "stateful model are what apple/coreai-models#279 (wrong output) and apple/coremltools#2716 (crash, "
+             "coremltools 9.0) report on the Neural Engine; int8 (per channel) and fp16 use all compute units")
+
+
+def compute_units(quant: str) -> str:
+    return COMPUTE_UNITS.get(quant, "ALL")
+
+
+def compute_units_note(quant: str) -> str | None:
+    """What to tell the user about the compute units a QUANT artifact runs on (None: nothing to say)."""
+    return INT4_NOTE if compute_units(quant) != "ALL" else None
+
 
 def causal_mask(q: int, end: int) -> np.ndarray:
     """[1, 1, q, end] float32: query i (at position end - q + i) sees keys 0 .. end - q + i."""
