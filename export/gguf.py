@@ -77,10 +77,13 @@ def converter_cache_dir(version: str) -> Path:
     return base / "pocketvlm" / f"llama.cpp-{version}"
 
 
-def _is_converter_dir(path: Path) -> bool:
-    # every script a stage runs (a cache made before the LoRA converter was kept is fetched again)
-    return all((path / name).is_file() for name in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")) and \
-        (path / "gguf-py" / "gguf" / "__init__.py").is_file()
+MODEL_CONVERTER, LORA_CONVERTER = "convert_hf_to_gguf.py", "convert_lora_to_gguf.py"
+
+
+def _is_converter_dir(path: Path, scripts: tuple[str, ...] = (MODEL_CONVERTER, LORA_CONVERTER)) -> bool:
+    # the cache must hold every script a stage runs (a cache made before the LoRA converter was kept is fetched
+    # again); a user's checkout needs only the one the command runs (export_adapter checks for its own)
+    return all((path / name).is_file() for name in scripts) and (path / "gguf-py" / "gguf" / "__init__.py").is_file()
 
 
 def resolve_converter(llama_cpp_dir: str | Path | None = None, *, fetch: bool = True,
@@ -93,7 +96,7 @@ def resolve_converter(llama_cpp_dir: str | Path | None = None, *, fetch: bool = 
         root = Path(given).expanduser()
         if not root.is_dir():
             raise PocketVLMError(f"{how} {root}: no such folder; point it at a llama.cpp checkout")
-        if not _is_converter_dir(root):
+        if not _is_converter_dir(root, (MODEL_CONVERTER,)):
             raise PocketVLMError(f"{how} {root} has no convert_hf_to_gguf.py with gguf-py/ beside it; "
                                  f"point it at a llama.cpp checkout (or drop it to use the installed "
                                  f"{DISTRIBUTION}'s own converter)")
@@ -351,6 +354,9 @@ def export_adapter(adapter, base: Path, out: Path, *, force: bool, progress: boo
                              f"with --target text")
     check_output(out, force=force)
     converter = resolve_converter(llama_cpp_dir, progress=progress)
+    if not (converter.root / LORA_CONVERTER).is_file():
+        raise PocketVLMError(f"{converter.origin} has no {LORA_CONVERTER}; point --llama-cpp-dir at a llama.cpp "
+                             f"checkout that has it (or drop it to use the installed {DISTRIBUTION}'s own)")
     with atomic_output(out, force=force) as tmp:
         if progress:
             print(f"converting the LoRA adapter with llama.cpp's convert_lora_to_gguf.py ({converter.origin}) ...",

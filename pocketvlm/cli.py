@@ -21,28 +21,31 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
+def _checked(text: str, parse, check, not_a: str):
+    """An argparse `type`: TEXT parsed (else "'TEXT' is not NOT_A"), then the library's own check, whose
+    refusal becomes argparse's one-line error."""
+    try:
+        value = parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {not_a}") from None
+    try:
+        return check(value)
+    except PocketVLMError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def thread_count(text: str) -> int:
     """--threads: a positive count no larger than a sane multiple of this machine's cores."""
     from .threads import check_threads
 
-    try:
-        return check_threads(int(text))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from e
-    except PocketVLMError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
+    return _checked(text, int, check_threads, "a whole number")
 
 
 def image_size_arg(text: str) -> int:
     """--image-size: the longest edge, in pixels, an image is resized to before tiling."""
     from .prompt import check_image_size
 
-    try:
-        return check_image_size(int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
-    except PocketVLMError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return _checked(text, int, check_image_size, "a whole number of pixels")
 
 
 IMAGE_SIZE_HELP = ("image budget: the longest edge, in px, images are resized to before they are cut into tiles "
@@ -67,12 +70,7 @@ class OneSize(argparse.Action):
 def confidence_arg(text: str) -> float:
     from .router import check_min_confidence
 
-    try:
-        return check_min_confidence(float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1") from None
-    except PocketVLMError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return _checked(text, float, check_min_confidence, "a number from 0 to 1")
 
 
 def add_fallback_arguments(p) -> None:

@@ -60,6 +60,11 @@ def test_results_json_has_every_run_and_the_device(bench_run):
     for v in results["variants"]:
         assert v["peak_rss_bytes"] > 0 and v["size_bytes"] > 0 and v["load_s"] > 0
         assert 0 < v["roofline_tok_s"]
+        assert v["open_s"] >= v["load_s"]  # opening = the manifest's hash check + the engine's load
+    from pocketvlm.bench_device.report import summarize
+
+    for row, v in zip(summarize(results), results["variants"]):
+        assert row["load_s"] == v["open_s"] and row["engine_load_s"] == v["load_s"]  # the report shows the wait
     mlx = results["variants"][1]
     assert mlx["torch_loaded"] is False  # the MLX worker never imported torch
     assert mlx["peak_rss_bytes"] < results["variants"][0]["peak_rss_bytes"]
