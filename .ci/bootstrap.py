@@ -16,6 +16,7 @@ step and the log. An environment without its .complete marker is half-built and 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import re
@@ -275,6 +276,25 @@ def _lock(env: Path):
     return handle
 
 
+def pip_cache_is_empty(python: Path) -> bool:
+    """Whether pip (as configured here: PIP_CACHE_DIR, PIP_NO_CACHE_DIR, pip.conf) starts without cached wheels or
+    downloads -- the bare machine's case. pip itself answers where its cache is."""
+    proc = subprocess.run([str(python), "-m", "pip", "cache", "dir"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return "disabled" in proc.stdout + proc.stderr  # PIP_NO_CACHE_DIR / no-cache-dir: nothing cached
+    cache = Path(proc.stdout.strip())
+    return not cache.is_dir() or not any(p.is_file() for p in cache.rglob("*"))
+
+
+def built_record(env: Path) -> dict:
+    """What the environment's .complete marker says about its build ({} for a marker from an older setup)."""
+    try:
+        record = json.loads((env / ".complete").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def build(env: Path, wanted: str) -> None:
     log = env.parent / f"{env.name}.log"
     log.write_text(f"pocketvlm setup of {env}\nextras: {wanted}\npython: {sys.executable} "
@@ -295,6 +315,7 @@ def build(env: Path, wanted: str) -> None:
         if proc.returncode != 0:
             raise SetupError(f"setup failed while creating the virtual environment ({sys.executable} -m venv): "
                              f"see {log}")
+        from_nothing = pip_cache_is_empty(env_python(env))  # asked before this build fills it
         pip = Pip(env_python(env), log)
         pip.run(["install", "-c", str(CONSTRAINTS), pinned("pip")], "upgrading pip")
         # torch first and pinned, so no later requirement can pull a multi-GB CUDA build
@@ -310,15 +331,22 @@ def build(env: Path, wanted: str) -> None:
     except BaseException:
         shutil.rmtree(env, ignore_errors=True)  # never leave a half-built environment to be mistaken for one
         raise
-    (env / ".complete").write_text(f"built in {time.monotonic() - start:.0f} s\n")
+    # what this build proves: with from_nothing (no pip cache to lean on) it is the newcomer's path itself
+    (env / ".complete").write_text(json.dumps({"key": env_key(), "built_s": round(time.monotonic() - start),
+                                               "from_nothing": from_nothing}) + "\n")
     say(f"environment ready in {(time.monotonic() - start) / 60:.1f} min")
 
 
 def points_here(env: Path) -> bool:
-    proc = subprocess.run([str(env_python(env)), "-c", "import pocketvlm, pathlib; "
-                           "print(pathlib.Path(pocketvlm.__file__).resolve().parent.parent)"],
-                          capture_output=True, text=True)
-    return proc.returncode == 0 and Path(proc.stdout.strip()) == ROOT
+    """Whether the environment's pocketvlm (and its subpackages, which an editable install maps one by one) is this
+    checkout's. Asked in isolated mode from a neutral folder: run from the checkout itself, `import pocketvlm` would
+    find ./pocketvlm through the working directory and hide an install pointing at another (deleted) clone."""
+    code = ("import pathlib, pocketvlm, pocketvlm.runtime; "
+            "print(pathlib.Path(pocketvlm.__file__).resolve().parent.parent); "
+            "print(pathlib.Path(pocketvlm.runtime.__file__).resolve().parent.parent)")
+    proc = subprocess.run([str(env_python(env)), "-I", "-c", code], capture_output=True, text=True,
+                          cwd=tempfile.gettempdir())
+    return proc.returncode == 0 and {Path(line) for line in proc.stdout.splitlines()} == {ROOT}
 
 
 def ensure() -> Path:

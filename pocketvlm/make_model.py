@@ -15,8 +15,8 @@ from .presets import image_seq_len, preset, preset_names
 def make_model(out: Path, preset_name: str, *, seed: int = 0, force: bool = False, progress: bool = True,
                train: bool = False, init_std: float | None = None) -> Path:
     """Write a complete SmolVLM2 folder at a preset's exact shape: random weights, or (train=True, micro preset)
-    trained on the synthetic image-QA set. Returns OUT. init_std overrides the preset's weight scale (the tiny
-    preset raises it so logits are decisive; 0.02 is the ordinary initialisation of the real checkpoints)."""
+    trained on the synthetic image-QA set. Returns OUT. init_std overrides the preset's weight scale (every
+    preset uses 0.02, the ordinary initialisation of the real checkpoints: small logits, near-ties common)."""
     import torch
     from transformers.utils import logging as hf_logging
 

@@ -217,3 +217,33 @@ def test_an_image_budget_sweep_reports_tiles_tokens_memory_and_agreement(tiny_mo
     assert "## Image budget" in report and "64 px" in report and "128 px" in report
     assert (out / "image_budget.png").is_file()
     assert_user_error(run_cli("bench", tiny_model, "--image-sizes", "64,0"), "--image-size")
+
+
+def test_gate_calibration_measures_exports_and_an_unrelated_model(tmp_path):
+    """bench_device/gate_calibration.py, where fidelity.json's gates come from: on the tiny model every GGUF quant is
+    measured and passes its gate, the f16 export's logits stay inside the near-tie budget, and the shuffled
+    (unrelated) model it measures beside each quantized export fails the same gate."""
+    import subprocess
+    import sys
+
+    from pocketvlm.quantize.fidelity import thresholds
+
+    out = tmp_path / "gates.json"
+    proc = subprocess.run([sys.executable, "-m", "pocketvlm.bench_device.gate_calibration", "--seeds", "0",
+                           "--formats", "gguf", "--max-tokens", "8", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    mine = {r["quant"]: r for r in rows if not r.get("unrelated")}
+    wrong = {r["quant"]: r for r in rows if r.get("unrelated")}
+    assert set(mine) == {"f16", "q8_0", "q4_k_m"} and set(wrong) == {"q8_0", "q4_k_m"}
+    assert all(r["pass"] for r in mine.values()), [r["failures"] for r in mine.values()]
+    assert not any(r["pass"] for r in wrong.values())
+    assert 0 < mine["f16"]["worst_ulps"] <= thresholds()["_near_tie"]["ulps"]
+    assert "gate mean" in proc.stdout and "q4_k_m" in proc.stdout
+    for bad, says in ((["--model", str(tmp_path)], "not a Hugging Face model folder"),
+                      (["--formats", "tflite"], "not a format this machine runs"),
+                      (["--seeds"], "nothing to measure"), (["--out", str(tmp_path)], "give a file path")):
+        proc = subprocess.run([sys.executable, "-m", "pocketvlm.bench_device.gate_calibration", *bad],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, (bad, proc.stderr)

@@ -27,12 +27,9 @@ from pocketvlm.manifest import read_manifest, write_manifest  # noqa: E402
 from pocketvlm.media import load_video  # noqa: E402
 from pocketvlm.prompt import Processor, Request  # noqa: E402
 from pocketvlm.evaluate import builtin_samples  # noqa: E402
-from pocketvlm.quantize.fidelity import gate  # noqa: E402
+from pocketvlm.quantize.fidelity import gate, near_tie  # noqa: E402
 
 QUESTION = "What color is the circle?"
-# A reference top-2 logit gap this small is a near-tie: f16 arithmetic (llama.cpp rounds activations to f16 for
-# f16 weights) moves logits by ~0.02 on the tiny model, so such a step may go either way.
-NEAR_TIE = 0.05
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -252,31 +249,28 @@ def test_each_image_run_gets_the_embeddings_of_its_own_tile(gguf, reference):
 
 # ----------------------------------------------------------------------------------------------- fidelity
 
-def _margin(logits: np.ndarray) -> float:
-    top = np.sort(logits)[-2:]
-    return float(top[1] - top[0])
-
-
 def test_f16_reproduces_the_reference_greedy_tokens_except_at_near_ties(gguf, reference):
     """Free-running greedy decoding follows the reference for 32 tokens; where it leaves it, the reference itself
-    was at a near-tie. Teacher-forced, every step picks the reference's token unless the reference's top two are
-    within NEAR_TIE, and no logit is off by more than f16 rounding explains."""
+    was at a near-tie. Teacher-forced, every step's logits are within fp16 rounding of the reference's (the one
+    near-tie rule `check` applies, quantize/fidelity.py) and it picks the reference's token unless the reference's
+    top two are within what that rounding can swap."""
     exact = 0
     for sample in builtin_samples():
         ref = reference.run(sample.request, 32, ignore_eos=True, with_logits=True)
         free = gguf.run(sample.request, 32, ignore_eos=True)
         assert len(free.token_ids) == 32
+        forced = list(gguf.generate(sample.request, 32, with_logits=True, force=ref.token_ids))
+        assert len(forced) == 32
         if free.token_ids == ref.token_ids:
             exact += 1
         else:
             k = next(i for i, (a, b) in enumerate(zip(free.token_ids, ref.token_ids)) if a != b)
-            assert _margin(ref.logits[k]) < NEAR_TIE, (sample.name, k, _margin(ref.logits[k]))
-        forced = list(gguf.generate(sample.request, 32, with_logits=True, force=ref.token_ids))
-        assert len(forced) == 32
+            assert near_tie(ref.logits[k], forced[k].logits, "fp16")[2], (sample.name, k)
         for i, (r, step) in enumerate(zip(ref.logits, forced)):
-            assert np.abs(step.logits[: len(r)] - r).max() < 0.25, (sample.name, i)
+            gap, swappable, tie = near_tie(r, step.logits, "fp16")
+            assert np.abs(step.logits[: len(r)] - r).max() <= swappable / 2, (sample.name, i)  # within the budget
             if step.token_id != int(np.argmax(r)):
-                assert _margin(r) < NEAR_TIE, (sample.name, i, _margin(r))
+                assert tie, (sample.name, i, gap, swappable)
     assert exact >= 1
 
 
@@ -301,8 +295,9 @@ def test_check_reports_and_passes_the_gates(exports, tmp_path, quant):
 
 
 def test_gates_tell_a_wrong_model_apart(exports, tiny_model, tmp_path):
-    """The q4_k_m gate is loose (the tiny random model is fragile under 5-bit weights), but not vacuous: the same
-    model with its weights shuffled, exported the same way, fails it."""
+    """The q4_k_m gate is not vacuous: the same model with its weights shuffled, exported the same way, fails it.
+    On a random model at the ordinary initialisation the logits are near-flat, so even an unrelated model's KLD is
+    small (~0.05 nats, against ~7 on the trained micro model); top-1 agreement is what tells them apart here."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -317,7 +312,8 @@ def test_gates_tell_a_wrong_model_apart(exports, tiny_model, tmp_path):
     proc = run_cli("check", out, "--reference", tiny_model, "--json")
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
-    assert not report["pass"] and report["summary"]["kld_mean"] > gate("gguf", "q4_k_m")["kld_mean_max"]
+    assert not report["pass"] and report["summary"]["top1"] < gate("gguf", "q4_k_m")["top1_min"]
+    assert any(f.startswith("top-1 agreement") for f in report["failures"]), report["failures"]
 
 
 # ---------------------------------------------------------------------------------------------- ask / quantize

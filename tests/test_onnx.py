@@ -59,8 +59,13 @@ def circle_request(question="What color is the circle?", **kwargs):
 
 # ------------------------------------------------------------------------------------------------ fidelity
 
-def test_fp32_reproduces_the_reference_tokens_and_logits(onnx_exports, tiny_model, tmp_path):
-    proc, report = check(onnx_exports["fp32"], tiny_model, tmp_path)
+@pytest.fixture(scope="module")
+def fp32_check(onnx_exports, tiny_model, tmp_path_factory):
+    return check(onnx_exports["fp32"], tiny_model, tmp_path_factory.mktemp("fp32-check"))
+
+
+def test_fp32_reproduces_the_reference_tokens_and_logits(fp32_check):
+    proc, report = fp32_check
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = report["summary"]
     assert s["greedy_match"] and report["max_tokens"] == 32 and report["pass"]
@@ -71,11 +76,15 @@ def test_fp32_reproduces_the_reference_tokens_and_logits(onnx_exports, tiny_mode
 
 
 @pytest.mark.parametrize("quant", ["fp16", "int8", "q4"])
-def test_lower_precision_exports_report_their_cost_and_pass_their_gates(onnx_exports, tiny_model, tmp_path, quant):
+def test_lower_precision_exports_report_their_cost_and_pass_their_gates(onnx_exports, tiny_model, tmp_path, quant,
+                                                                         fp32_check):
     proc, report = check(onnx_exports[quant], tiny_model, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = report["summary"]
-    assert s["kld_mean"] > 1e-6 and 0 < s["top1"] <= 1  # real numbers, not an fp32 copy
+    exact = fp32_check[1]["summary"]
+    # real numbers, not an fp32 copy: its logits move by more than the fp32 export's do, and its KLD is above it
+    assert s["first_max_abs_dlogit"] > 10 * exact["first_max_abs_dlogit"] and s["kld_mean"] > exact["kld_mean"]
+    assert 0 < s["top1"] <= 1
     assert report["thresholds"] and report["pass"], report["failures"]
     print(f"onnx {quant}: KLD mean {s['kld_mean']:.3g} max {s['kld_max']:.3g} top-1 {s['top1']:.3f} "
           f"first |dlogit| {s['first_max_abs_dlogit']:.3g}")
@@ -200,7 +209,8 @@ def test_q4_graphs_are_their_dequantized_weights(onnx_exports, tiny_model):
     for a, b, c in zip(ours, theirs, fp32):
         to_dequantized, to_fp32 = np.abs(a.logits - b.logits).max(), np.abs(a.logits - c.logits).max()
         assert to_dequantized < 0.25 * to_fp32, (to_dequantized, to_fp32)
-    assert np.abs(ours[0].logits - fp32[0].logits).max() > 0.1  # 4-bit is visibly not fp32: the match means something
+    # 4-bit is visibly not fp32 (100x what the fp32 export may differ by, test_fp32_...): the match means something
+    assert np.abs(ours[0].logits - fp32[0].logits).max() > 100 * 1e-4
 
 
 def test_a_patch_size_that_does_not_divide_the_tile(tiny_model, tmp_path):
@@ -223,7 +233,7 @@ def test_a_patch_size_that_does_not_divide_the_tile(tiny_model, tmp_path):
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
-                param.normal_(0, 0.25)
+                param.normal_(0, 0.02)  # the ordinary initialisation, as make-model uses
     model.save_pretrained(src)
     pre = load_json(src / "preprocessor_config.json")
     pre["max_image_size"], pre["size"] = {"longest_edge": 90}, {"longest_edge": 180}
