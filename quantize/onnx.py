@@ -43,6 +43,7 @@ Q4_BLOCK_SIZE = 32
 # int8 path (onnxruntime-web's WebAssembly) ignores the hint and computes in fp32, as level 0 would.
 Q4_ACCURACY_LEVEL = 4
 # fp16: ops kept in fp32 (with casts around them) on top of onnxruntime's default block list: RMSNorm's x**2 mean
+# (and the rotary-angle nodes, rope_nodes)
 FP16_KEEP_FP32 = ("Pow", "ReduceMean", "Sqrt", "Reciprocal")
 
 
@@ -229,13 +230,72 @@ def _q4(src: Path, tmp: Path, part: str, root: Path) -> None:
     quantizer.model.save_model_to_file(str(tmp), use_external_data_format=True)
 
 
+def rope_nodes(graph) -> list[str]:
+    """The nodes that turn position_ids into rotary cos/sin (everything on a path from that input to a Cos or Sin).
+    Kept in fp32: the angle is position x inv_freq, and at position 169 fp16's step is 0.125, so cos/sin came out
+    ~0.03 off and the rotated q/k 20x noisier than the rest of the graph (23 ulps of the top logit on the trained
+    micro model, against 4.5 for MLX fp16; docs/BENCH.md "Fidelity gates")."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for n in graph.node:
+        for x in n.input:
+            consumers[x].append(n)
+    after, todo = set(), ["position_ids"]
+    while todo:
+        for n in consumers.get(todo.pop(), []):
+            if n.name not in after:
+                after.add(n.name)
+                todo.extend(n.output)
+    ends = [n for n in graph.node if n.op_type in ("Cos", "Sin")]
+    before, todo = {n.name for n in ends}, [x for n in ends for x in n.input]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and n.name not in before:
+            before.add(n.name)
+            todo.extend(n.input)
+    return [n.name for n in graph.node if n.name in after and n.name in before]
+
+
+def drop_cast_round_trips(graph) -> int:
+    """Rewire Cast(fp32, Cast(fp16, x)) to x where x is fp32. onnxruntime's float16 converter puts such a pair
+    between any two adjacent nodes it keeps in fp32, so a kept chain (rotary angles; RMSNorm's x**2 -> mean) was
+    still rounded to fp16 at every link. Returns how many were removed."""
+    from onnx import TensorProto
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    rewire = {}
+    for n in graph.node:
+        if cast_to(n) != TensorProto.FLOAT or n.output[0] in outputs:
+            continue
+        half = producer.get(n.input[0])
+        if half is not None and cast_to(half) == TensorProto.FLOAT16 and types.get(half.input[0]) == TensorProto.FLOAT:
+            rewire[n.output[0]] = half.input[0]
+    for n in graph.node:
+        n.input[:] = [rewire.get(x, x) for x in n.input]
+    while True:  # the casts nothing reads any more
+        used = {x for n in graph.node for x in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
+        if not dead:
+            return len(rewire)
+        for n in dead:
+            graph.node.remove(n)
+
+
 def _fp16(src: Path, tmp: Path, root: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    fp32 = load_proto(src, root)
     # the exporter writes every value's type, so shape inference (which cannot serialise > 2 GB) is not needed
-    model = convert_float_to_float16(load_proto(src, root), keep_io_types=True, disable_shape_infer=True,
-                                     op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32))
+    model = convert_float_to_float16(fp32, keep_io_types=True, disable_shape_infer=True,
+                                     op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32),
+                                     node_block_list=rope_nodes(fp32.graph))
+    drop_cast_round_trips(model.graph)
     onnx.save(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
 
 
@@ -295,7 +355,8 @@ def method(quant: str) -> dict:
                 "embedding": "uint8 per tensor (Gather + DequantizeLinear, quantize_dynamic)",
                 "vision": VISION["int8"]}
     if quant == "fp16":
-        return {"tool": "onnxruntime.transformers.float16", "io": "float32", "kept_fp32": list(FP16_KEEP_FP32),
+        return {"tool": "onnxruntime.transformers.float16", "io": "float32",
+                "kept_fp32": [*FP16_KEEP_FP32, "rotary angles (position_ids -> cos/sin)"],
                 "vision": VISION["fp16"]}
     return {"vision": VISION["fp32"]}
 
