@@ -98,10 +98,13 @@ def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, pro
         ref = reference.run(sample.request, max_tokens, ignore_eos=True, with_logits=True)
         free = backend.run(sample.request, max_tokens, ignore_eos=True)
         forced = list(backend.generate(sample.request, max_tokens, with_logits=True, force=ref.token_ids))
-        klds, top1, decided = [], [], []
+        klds, top1, decided, ulps = [], [], [], []
         for ref_logits, step in zip(ref.logits, forced):
             p, q = _log_softmax(ref_logits), _log_softmax(step.logits[: len(ref_logits)])
             klds.append(float((np.exp(p) * (p - q)).sum()))
+            if precision:  # how far off, in the rounding unit the near-tie budget is counted in
+                error = float(np.abs(ref_logits - step.logits[: len(ref_logits)]).max())
+                ulps.append(error / ulp(float(np.abs(ref_logits).max()), precision))
             same = int(np.argmax(ref_logits)) == int(np.argmax(step.logits))
             top1.append(same)
             if not near_tie(ref_logits, step.logits, precision)[2]:
@@ -124,6 +127,7 @@ def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, pro
             "divergence_at_near_tie": within,
             "tokens": len(ref.token_ids),
             "first_max_abs_dlogit": first_dlogit,
+            "worst_ulps": max(ulps) if ulps else None,
             "kld_mean": float(np.mean(klds)),
             "kld_max": float(np.max(klds)),
             "top1": float(np.mean(top1)),
@@ -151,6 +155,8 @@ def compare(reference, backend, samples: list[Sample], max_tokens: int = 32, pro
         "kld_mean": float(np.average([r["kld_mean"] for r in rows], weights=steps)),
         "kld_max": max(r["kld_max"] for r in rows),
         "first_max_abs_dlogit": max(r["first_max_abs_dlogit"] for r in rows),
+        # worst teacher-forced |dlogit| in ulps of that step's top logit (half precision only; budget: _near_tie.ulps)
+        "worst_ulps": max((r["worst_ulps"] for r in rows if r["worst_ulps"] is not None), default=None),
         "top1": float(np.average([r["top1"] for r in rows], weights=steps)),
         "top1_decided": (float(np.average([r["top1_decided"] for r in rows], weights=decided_steps))
                          if sum(decided_steps) else 1.0),

@@ -256,10 +256,10 @@ def rope_nodes(graph) -> list[str]:
     return [n.name for n in graph.node if n.name in after and n.name in before]
 
 
-def drop_cast_round_trips(graph) -> int:
-    """Rewire Cast(fp32, Cast(fp16, x)) to x where x is fp32. onnxruntime's float16 converter puts such a pair
-    between any two adjacent nodes it keeps in fp32, so a kept chain (rotary angles; RMSNorm's x**2 -> mean) was
-    still rounded to fp16 at every link. Returns how many were removed."""
+def cast_round_trips(graph) -> dict[str, str]:
+    """Cast(fp32, Cast(fp16, x)) with x already fp32, as {the outer Cast's output: x}. onnxruntime's float16
+    converter puts such a pair between any two adjacent nodes it keeps in fp32, so a kept chain (rotary angles;
+    RMSNorm's x**2 -> mean) is still rounded to fp16 at every link."""
     from onnx import TensorProto
 
     def cast_to(node):
@@ -268,16 +268,24 @@ def drop_cast_round_trips(graph) -> int:
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
     producer = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
-    rewire = {}
+    trips = {}
     for n in graph.node:
         if cast_to(n) != TensorProto.FLOAT or n.output[0] in outputs:
             continue
         half = producer.get(n.input[0])
         if half is not None and cast_to(half) == TensorProto.FLOAT16 and types.get(half.input[0]) == TensorProto.FLOAT:
-            rewire[n.output[0]] = half.input[0]
+            trips[n.output[0]] = half.input[0]
+    return trips
+
+
+def drop_cast_round_trips(graph) -> int:
+    """Read x where a cast_round_trips pair rounded it, and remove the casts nothing reads any more. Returns how
+    many pairs were bypassed."""
+    rewire = cast_round_trips(graph)
     for n in graph.node:
         n.input[:] = [rewire.get(x, x) for x in n.input]
-    while True:  # the casts nothing reads any more
+    outputs = {o.name for o in graph.output}
+    while True:
         used = {x for n in graph.node for x in n.input} | outputs
         dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
         if not dead:

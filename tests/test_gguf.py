@@ -298,15 +298,9 @@ def test_gates_tell_a_wrong_model_apart(exports, tiny_model, tmp_path):
     """The q4_k_m gate is not vacuous: the same model with its weights shuffled, exported the same way, fails it.
     On a random model at the ordinary initialisation the logits are near-flat, so even an unrelated model's KLD is
     small (~0.05 nats, against ~7 on the trained micro model); top-1 agreement is what tells them apart here."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    from pocketvlm.bench_device.gate_calibration import shuffled_copy
 
-    shuffled = _copy(tiny_model, tmp_path / "shuffled")
-    (shuffled / "pocketvlm.json").unlink()
-    generator = torch.Generator().manual_seed(1)
-    weights = load_file(tiny_model / "model.safetensors")
-    save_file({k: v.flatten()[torch.randperm(v.numel(), generator=generator)].reshape(v.shape).contiguous()
-               for k, v in weights.items()}, shuffled / "model.safetensors", metadata={"format": "pt"})
+    shuffled = shuffled_copy(tiny_model, tmp_path / "shuffled")
     out = tmp_path / "other"
     assert run_cli("export", shuffled, "--to", "gguf", "--quant", "q4_k_m", "--out", out, "--quiet").returncode == 0
     proc = run_cli("check", out, "--reference", tiny_model, "--json")

@@ -157,7 +157,7 @@ def test_fp16_keeps_rotary_angles_and_fp32_chains_unrounded(onnx_exports):
     import onnx
     from onnx import TensorProto
 
-    from pocketvlm.quantize.onnx import rope_nodes
+    from pocketvlm.quantize.onnx import cast_round_trips, rope_nodes
 
     graph = onnx.load(str(onnx_exports["fp16"] / part_file("fp16", "decoder_model_merged")),
                       load_external_data=False).graph
@@ -167,14 +167,7 @@ def test_fp16_keeps_rotary_angles_and_fp32_chains_unrounded(onnx_exports):
     for n in rope:
         for x in n.input:
             assert types.get(x) != TensorProto.FLOAT16, (n.name, x)  # an fp16 value never feeds the angle
-    producer = {o: n for n in graph.node for o in n.output}
-
-    def cast_to(n):
-        return next((a.i for a in n.attribute if a.name == "to"), None) if n and n.op_type == "Cast" else None
-
-    round_trips = [n.name for n in graph.node if cast_to(n) == TensorProto.FLOAT
-                   and cast_to(producer.get(n.input[0])) == TensorProto.FLOAT16
-                   and types.get(producer[n.input[0]].input[0]) == TensorProto.FLOAT]
+    round_trips = cast_round_trips(graph)
     assert not round_trips, round_trips
 
 
@@ -182,15 +175,15 @@ def test_fp16_of_a_trained_model_stays_within_fp16_rounding(tmp_path):
     """On the trained micro model (activations and positions of a real prompt, unlike a random tiny model) the fp16
     export's logits stay within the near-tie budget of the reference's at every step: with the rotary angles
     rounded to fp16 they were 23 ulps of the top logit off (budget 8), with them in fp32 2.5."""
-    from pocketvlm.bench_device.gate_calibration import worst_ulps
     from pocketvlm.quantize.fidelity import thresholds
-    from pocketvlm.runtime.reference import ReferenceBackend
 
     micro = Path(__file__).resolve().parents[1] / "samples" / "micro"
     out = tmp_path / "micro-fp16"
     proc = run_cli("export", micro, "--to", "onnx", "--quant", "fp16", "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
-    ulps = worst_ulps(ReferenceBackend(micro), open_backend(out), "fp16", 32)
+    proc, report = check(out, micro, tmp_path)
+    assert proc.returncode == 0 and report["pass"], proc.stdout + proc.stderr
+    ulps = report["summary"]["worst_ulps"]
     assert 0 < ulps <= thresholds()["_near_tie"]["ulps"], ulps
 
 
