@@ -77,8 +77,9 @@ def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run cmd, sampling its process tree's RSS; its stderr lines name the phases."""
+def measure(cmd: list[str], env: dict | None = None, on_line=None) -> dict:
+    """Run cmd, sampling its process tree's RSS; its stderr lines name the phases (and go to on_line as they come,
+    so a long export shows it is alive)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
@@ -89,6 +90,8 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
         for line in proc.stderr:
             if line.strip():
                 lines.append((time.perf_counter() - start, line.strip()))
+                if on_line:
+                    on_line(line.strip())
 
     def read_stdout():
         out.append(proc.stdout.read())

@@ -24,7 +24,7 @@ from .base import Backend, Prefilled, real_tiles, tile_batches
 
 class ONNXBackend(Backend):
     name = "onnx"
-    vision_batch = 1  # 13 tiles peak at 1.5 GB (2.8 GB at 4 per call, 5.3 GB at 13); docs/BENCH.md
+    vision_batch = 1  # 13 tiles peak at 1.2 GB (before arena shrinkage: 1.5, 2.8 at 4 per call, 5.3 at 13)
 
     def __init__(self, path: Path, threads: int | None = None, image_size: int | None = None):
         import onnxruntime as ort
@@ -49,6 +49,13 @@ class ONNXBackend(Backend):
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        # The vision encoder's and the prompt's activations are the largest a request makes, and onnxruntime keeps
+        # a session's arena at its high-water mark: the vision arena was still held while the decoder's prefill grew
+        # its own. Calls that make them give the arena's free regions back when they return (decode steps, small and
+        # many, keep theirs). Measured at the 500M shape, int8, 1 thread: 13 tiles peak 1421 -> 1191 MB, one tile
+        # 885 -> 852 MB, no slower (docs/BENCH.md "Vision tiles per call").
+        self.release_arena = ort.RunOptions()
+        self.release_arena.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         start = time.perf_counter()
         self.sessions = {part: _session(ort, f, options, self.path) for part, f in self.files.items()}
         self.load_s = time.perf_counter() - start
@@ -87,7 +94,8 @@ class ONNXBackend(Backend):
         tiles per session call (padding tiles dropped first, as transformers does)."""
         tiles, masks = real_tiles(enc.pixel_values, enc.pixel_attention_mask)
         parts = [self.vision.run(None, {"pixel_values": np.ascontiguousarray(tiles[b][None], dtype=np.float32),
-                                        "pixel_attention_mask": np.ascontiguousarray(masks[b][None], dtype=bool)})[0]
+                                        "pixel_attention_mask": np.ascontiguousarray(masks[b][None], dtype=bool)},
+                                 self.release_arena)[0]
                  for b in tile_batches(len(tiles), self.vision_batch)]
         return np.concatenate(parts).astype(np.float32, copy=False)
 
@@ -112,7 +120,7 @@ class ONNXBackend(Backend):
         return outputs[0], {past_name(n): v for n, v in zip(self.output_names[1:], outputs[1:])}
 
     def step(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             past: dict) -> tuple[np.ndarray, dict]:
+             past: dict, run_options=None) -> tuple[np.ndarray, dict]:
         """forward() for the decode loop: the KV cache stays in onnxruntime's own buffers (OrtValues bound to the
         next call as they are) instead of a round trip through numpy each step, which at the 2.2B shape with a long
         image prompt moves ~300 MB per token. `past`: numpy arrays or the OrtValues a previous step returned."""
@@ -127,7 +135,7 @@ class ONNXBackend(Backend):
                 binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
             binding.bind_output(name, "cpu")
-        self.decoder.run_with_iobinding(binding)
+        self.decoder.run_with_iobinding(binding, run_options)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), {past_name(n): v for n, v in zip(self.output_names[1:], outputs[1:])}
 
@@ -143,8 +151,9 @@ class ONNXBackend(Backend):
             embeds = self.merge(ids, embeds, features)
         n_prompt = ids.shape[1]
         logits, past = self.step(embeds, np.ones((1, n_prompt), np.int64), np.arange(n_prompt)[None],
-                                 self.empty_past(1))
-        return Prefilled(logits[0, -1], (encoded - start) if features is not None else None, {"past": past})
+                                 self.empty_past(1), self.release_arena)
+        # a copy of the last row, not a view: the whole prompt's logits (173 MB for 877 tokens at 500M) are freed
+        return Prefilled(logits[0, -1].copy(), (encoded - start) if features is not None else None, {"past": past})
 
     def decode(self, state, token_id: int, position: int):
         step_embeds = self.embed_tokens(np.array([[token_id]], np.int64))

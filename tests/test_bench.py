@@ -247,3 +247,148 @@ def test_gate_calibration_measures_exports_and_an_unrelated_model(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "pocketvlm.bench_device.gate_calibration", *bad],
                               capture_output=True, text=True)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, (bad, proc.stderr)
+
+
+# ------------------------------------------------------------------ bench_device/image_budget.py (issue 17's table)
+
+def _image_budget(*args, timeout=1200):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pocketvlm.bench_device.image_budget", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_image_budget_reproduces_the_table_into_the_marked_section_only(tmp_path):
+    """One command makes the model, exports a variant (its peak memory measured), benches it beside the reference
+    at every budget (tiny shape: one tile at 64 px, its own 128 px), judges every target, and rewrites only the
+    marked part of the doc; --reuse benches the same exports again without exporting."""
+    from pocketvlm.bench_device.image_budget import BEGIN, END
+
+    doc = tmp_path / "BENCH.md"
+    above, below = "# Measured runs\n\nkept above, byte for byte\n", "\nkept below\n"
+    doc.write_text(f"{above}{BEGIN}\nthe old table\n{END}{below}")
+    work = tmp_path / "work"
+    proc = _image_budget(work, "--preset", "tiny", "--variants", "gguf:q8_0", "--runs", "1", "--warmup", "0",
+                         "--max-tokens", "4", "--threads", "2", "--doc", doc, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith(above + BEGIN + "\n") and text.endswith(END + below) and "the old table" not in text
+    assert (tmp_path / "img" / "image_budget-tiny.png").is_file() and "(img/image_budget-tiny.png)" in text
+    table = (work / "tiny" / "table.md").read_text()
+    assert table in text and table.strip() in proc.stdout
+    results = json.loads((work / "tiny" / "bench" / "results.json").read_text())
+    assert {v["id"] for v in results["variants"]} == {"reference-fp32@64", "reference-fp32@128", "gguf-q8_0@64",
+                                                      "gguf-q8_0@128"}
+    assert not [v for v in results["variants"] if "error" in v]
+    tiles = {r["variant"]: r["image_tiles"] for r in results["records"]}
+    assert tiles["gguf-q8_0@64"] == 1 and tiles["gguf-q8_0@128"] > 1
+    for r in results["records"]:  # every measured TTFT is in its row of the table
+        base, px = r["variant"].split("@")
+        row = next(line for line in table.splitlines() if line.startswith(f"| {base} |") and f"| {px} |" in line)
+        assert f"| {r['ttft_s']:.2f} |" in row, (row, r["ttft_s"])
+    export = next(line for line in table.splitlines() if line.startswith("| gguf q8_0 |"))
+    assert float(export.split("|")[2].split()[0]) > 0  # the export's peak RSS, in MB
+    verdicts = [line for line in table.splitlines() if line.endswith(("| met |", "| **not met** |",
+                                                                     "| not measured |"))]
+    assert len(verdicts) == 8, table
+    assert "4-bit | no 4-bit variant" in table  # only an 8-bit variant was asked for
+
+    again = _image_budget(work, "--preset", "tiny", "--variants", "gguf:q8_0", "--runs", "1", "--warmup", "0",
+                          "--max-tokens", "4", "--reuse", "--quiet")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "not measured (exports reused)" in (work / "tiny" / "table.md").read_text()
+    assert doc.read_text() == text  # no --doc this time: the doc is left alone
+
+
+def _budget_run(rows, exports=(2.4,)):
+    """A results dict as bench writes it, one variant per (backend, quant, px), for image_budget.judge."""
+    variants, records = [], []
+    for backend, quant, size_mb, px, tiles, ttft, decode, roofline, peak_mb in rows:
+        vid = f"{backend}-{quant}@{px}"
+        variants.append({"id": vid, "device": "d", "backend": backend, "quant": quant, "size_bytes": size_mb * 1e6,
+                         "peak_rss_bytes": peak_mb * 1e6, "roofline_tok_s": roofline, "image_size": px})
+        records.append({"device": "d", "variant": vid, "ttft_s": ttft, "decode_tok_s": decode, "image_tiles": tiles})
+    return {"results": {"devices": [{"id": "d"}], "variants": variants, "records": records, "settings": {}},
+            "exports": {"fp32_weight_bytes": 1, "rows": [{"format": "onnx", "quant": "int8", "x_fp32": x}
+                                                         for x in exports]},
+            "default_size": 2048}
+
+
+def _verdicts(run_info):
+    from pocketvlm.bench_device.image_budget import judge
+
+    keys = ("every 8-bit", "the best", "80%", "60%", "at one tile", "at many tiles", "export", "default budget")
+    got = {}
+    for target, measured, met in judge(run_info):
+        key = next(k for k in keys if k in target)
+        got[key] = met
+    assert set(got) == set(keys)
+    return got
+
+
+def test_image_budget_judges_each_target_at_its_boundary():
+    """The targets are met exactly at their limits and missed just past them, each on its own: a slow one-tile
+    variant, a best that is not fast enough, decode under its roofline share (8-bit 80%, 4-bit 60%), peak RSS over
+    1.5x / 2x the size + 200 MB, an export over 2.5x the fp32 weights, and a default-budget TTFT over 0.4x the
+    reference's."""
+    #            backend     quant   MB   px    tiles ttft  decode roofline peak MB
+    base = [("reference", "fp32", 2000, 512, 1, 1.8, 8.0, 100.0, 3500),
+            ("reference", "fp32", 2000, 2048, 13, 20.0, 8.0, 100.0, 3500),
+            ("gguf", "q8_0", 600, 512, 1, 1.0, 80.0, 100.0, 1100),
+            ("gguf", "q8_0", 600, 2048, 13, 9.0, 80.0, 100.0, 1400),
+            ("onnx", "q4", 300, 512, 1, 0.7, 60.0, 100.0, 650),
+            ("onnx", "q4", 300, 2048, 13, 8.0, 60.0, 100.0, 800)]
+    assert all(_verdicts(_budget_run(base, exports=(2.5, 1.0))).values())
+
+    def worse(row, column, value):
+        rows = [list(r) for r in base]
+        rows[row][column] = value
+        return _budget_run([tuple(r) for r in rows])
+
+    for run_info, missed in ((worse(2, 5, 1.01), "every 8-bit"), (worse(4, 5, 0.71), None),
+                             (worse(2, 6, 79.9), "80%"), (worse(4, 6, 59.9), "60%"),
+                             (worse(2, 8, 1101), "at one tile"), (worse(5, 8, 801), "at many tiles"),
+                             (_budget_run(base, exports=(2.51,)), "export"), (worse(5, 5, 8.1), "default budget")):
+        got = _verdicts(run_info)
+        failed = {k for k, met in got.items() if met is False}
+        # a best one-tile TTFT of 0.71 s is both over the best's 0.7 s and, being the best, nothing else
+        assert failed == ({"the best"} if missed is None else {missed}), (missed, got)
+    only_8bit = _verdicts(_budget_run([r for r in base if r[1] != "q4"]))
+    assert only_8bit["60%"] is None and only_8bit["80%"] is True  # no 4-bit variant: not measured, not failed
+    reused = _verdicts(_budget_run(base, exports=()))
+    assert reused["export"] is None
+
+
+def test_image_budget_refuses_bad_input_before_any_work(tmp_path):
+    """Each refusal is one line and exit 2, and comes before the model is made: no WORK folder, doc unchanged."""
+    import platform
+
+    (tmp_path / "notes.txt").write_text("not a picture")
+    (tmp_path / "fake.png").write_text("not a picture either")
+    unmarked = tmp_path / "unmarked.md"
+    unmarked.write_text("# no markers here\n")
+    from pocketvlm.bench_device.image_budget import BEGIN, END
+
+    backwards = tmp_path / "backwards.md"
+    backwards.write_text(f"{END}\n{BEGIN}\n")
+    twice = tmp_path / "twice.md"
+    twice.write_text(f"{BEGIN}\n{END}\n{BEGIN}\n{END}\n")
+    work = tmp_path / "work"
+    cases = [(["--variants", "gguf"], "give FORMAT:QUANT"), (["--variants", "gguf:"], "give FORMAT:QUANT"),
+             (["--variants", "tflite:int8"], "tflite"), (["--variants", "gguf:q2_k"], "q2_k"),
+             (["--variants", "gguf:q8_0,gguf:q8_0"], "named twice"), (["--variants", ","], "at least one"),
+             (["--preset", "huge"], "unknown preset"), (["--image", tmp_path / "missing.png"], "missing.png"),
+             (["--image", tmp_path / "fake.png"], "fake.png"), (["--image-sizes", "0"], "--image-size"),
+             (["--image-sizes", "512,abc"], "abc"), (["--runs", "0"], "--runs"),
+             (["--max-tokens", "1"], "--max-tokens"),
+             (["--threads", "lots"], "lots"), (["--doc", unmarked], "needs one line"),
+             (["--doc", backwards], "needs one line"), (["--doc", twice], "needs one line"),
+             (["--doc", tmp_path / "absent.md"], "unreadable")]
+    if platform.system() != "Darwin":
+        cases.append((["--variants", "coreml:int8"], "do not run on"))
+    for args, says in cases:
+        assert_user_error(_image_budget(work, "--preset", "tiny", *args, timeout=120), says)
+        assert not work.exists(), args
+    assert unmarked.read_text() == "# no markers here\n" and backwards.read_text() == f"{END}\n{BEGIN}\n"
+    assert_user_error(_image_budget(tmp_path / "notes.txt", "--preset", "tiny", timeout=120), "not a folder")

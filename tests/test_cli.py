@@ -227,12 +227,17 @@ def test_sigterm_removes_the_half_built_folder(tmp_path, signame):
     signum = getattr(signal, signame)
     proc = subprocess.Popen([sys.executable, "-m", "pocketvlm", "make-model", str(tmp_path / "m"), "--preset",
                              "256m", "--quiet"], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob("m.partial-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert list(tmp_path.glob("m.partial-*")), "the scratch folder never appeared"
-    proc.send_signal(signum)
-    proc.wait(timeout=60)
+    try:
+        deadline = time.time() + 120
+        while not list(tmp_path.glob("m.partial-*")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert list(tmp_path.glob("m.partial-*")), "the scratch folder never appeared"
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 128 + signum
     assert list(tmp_path.iterdir()) == []
 

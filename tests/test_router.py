@@ -107,18 +107,20 @@ def cloud():
     proc = subprocess.Popen([sys.executable, "-m", "pocketvlm", "serve", str(MICRO), "--port", "0",
                              "--model-id", "micro"], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "POCKETVLM_API_KEY": KEY})
-    url = None
-    deadline = time.time() + 120
-    while url is None and time.time() < deadline:
-        line = proc.stderr.readline()
-        m = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", line)
-        url = m.group(1) if m else None
-        if not line and proc.poll() is not None:
-            break
-    assert url, "serve did not start"
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        url = None
+        deadline = time.time() + 120
+        while url is None and time.time() < deadline:
+            line = proc.stderr.readline()
+            m = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", line)
+            url = m.group(1) if m else None
+            if not line and proc.poll() is not None:
+                break
+        assert url, "serve did not start"
+        yield url
+    finally:  # also when it never started: no server left running beside the rest of the suite
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def routed_ask(model, image, question, *extra, url, env=None):
