@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 
-
 def shuffled_copy(model: Path, out: Path, seed: int = 1) -> Path:
     """The same folder with every weight tensor's values permuted: same shapes and scale, unrelated function."""
     import shutil

@@ -98,11 +98,8 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def default_sizes(model: Path) -> list[int]:
-    """One tile, two tiles a side (when under the default), and the model's own budget."""
-    from pocketvlm.prompt import ProcessorConfig
-
-    config = ProcessorConfig.from_dir(model)
+def default_sizes(config) -> list[int]:
+    """One tile, two tiles a side (when under the default), and the model's own budget (a ProcessorConfig's)."""
     return sorted({config.max_image_size, *(s for s in (2 * config.max_image_size,) if s < config.longest_edge),
                    config.longest_edge})
 
@@ -160,7 +157,10 @@ def run(work: Path, *, preset: str, variants: list[tuple[str, str]], image: Path
     load_before = memory.load()
     started = time.time()
     model, artifacts, exports = build(work, preset, variants, reuse=reuse, progress=progress)
-    sizes = sizes or default_sizes(model)
+    from pocketvlm.prompt import ProcessorConfig
+
+    config = ProcessorConfig.from_dir(model)
+    sizes = sizes or default_sizes(config)
     images = work / "images"
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir()
@@ -168,10 +168,8 @@ def run(work: Path, *, preset: str, variants: list[tuple[str, str]], image: Path
     results = bench([str(model), *(str(a) for _, a in artifacts)], images_dir=images, runs=runs, warmup=warmup,
                     max_tokens=max_tokens, threads=threads, cloud=None, out=work / "bench", progress=progress,
                     image_sizes=sizes)
-    from pocketvlm.prompt import ProcessorConfig
-
     return {"preset": preset, "model": str(model), "image": image.name, "sizes": sizes, "threads": threads,
-            "default_size": ProcessorConfig.from_dir(model).longest_edge, "exports": exports, "results": results,
+            "default_size": config.longest_edge, "exports": exports, "results": results,
             "load_before": load_before, "load_after": memory.load(), "wall_s": time.time() - started}
 
 
@@ -200,13 +198,9 @@ def judge(run_info: dict) -> list[tuple[str, str, bool | None]]:
     quantized = [r for r in rows if WIDTH.get(r["quant"])]
     one = [r for r in quantized if _tiles(r) == 1 and _median(r, "ttft_s") is not None]
     verdicts = []
-
-    def worst(items, key, *, high_is_bad=True):
-        return max(items, key=key) if high_is_bad else min(items, key=key)
-
     if one:
-        w = worst(one, lambda r: _median(r, "ttft_s"))
-        b = worst(one, lambda r: _median(r, "ttft_s"), high_is_bad=False)
+        w = max(one, key=lambda r: _median(r, "ttft_s"))
+        b = min(one, key=lambda r: _median(r, "ttft_s"))
         verdicts.append((f"one tile: every 8-bit and 4-bit TTFT ≤ {ONE_TILE_TTFT_S} s",
                          f"slowest {w['variant']} {_median(w, 'ttft_s'):.2f} s",
                          all(_median(r, "ttft_s") <= ONE_TILE_TTFT_S for r in one)))
@@ -224,7 +218,7 @@ def judge(run_info: dict) -> list[tuple[str, str, bool | None]]:
         if not known:
             verdicts.append((label, "no roofline (weight bytes per token or bandwidth unknown)", None))
             continue
-        w = worst(known, lambda r: r["roofline_fraction"], high_is_bad=False)
+        w = min(known, key=lambda r: r["roofline_fraction"])
         missing = f"; unknown for {', '.join(r['variant'] for r in mine if r not in known)}" if len(known) < len(mine) \
             else ""
         verdicts.append((label, f"lowest {w['variant']} {w['roofline_fraction']:.0%}{missing}",
@@ -236,7 +230,7 @@ def judge(run_info: dict) -> list[tuple[str, str, bool | None]]:
         if not judged:
             verdicts.append((label, "not measured", None))
             continue
-        w = worst(judged, lambda r: r["peak_rss_bytes"] / rss_target(r))
+        w = max(judged, key=lambda r: r["peak_rss_bytes"] / rss_target(r))
         verdicts.append((label, f"closest {w['variant']} {w['peak_rss_bytes'] / MB:.0f} of {rss_target(w) / MB:.0f} MB",
                          all(r["peak_rss_bytes"] <= rss_target(r) for r in judged)))
     ex = run_info["exports"]["rows"]
