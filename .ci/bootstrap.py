@@ -37,6 +37,7 @@ MIN_PYTHON = (3, 10)
 # the files whose content decides what gets installed: change one and the next run builds a fresh environment
 KEY_FILES = ("pyproject.toml", ".ci/constraints.txt", ".ci/build-constraints.txt", ".ci/bootstrap.py", ".ci/env.sh")
 HEARTBEAT_S = 30.0
+KEEP_OTHER_ENVS = 1  # besides the one in use, the most recently used other environment stays (two branches' specs)
 COMPILE_NOTE = "llama-cpp-python compiles llama.cpp from source: about 10 minutes on 2 cores"
 INSTALL_HINT = ("install one: apt-get install build-essential cmake (Debian/Ubuntu), "
                 "xcode-select --install (macOS)")
@@ -259,8 +260,9 @@ class Pip:
 
 # ------------------------------------------------------------------------------------------------ build
 
-def _lock(env: Path):
-    """One setup per environment at a time (two checkouts may share one)."""
+def _lock(env: Path, *, wait: bool = True):
+    """One setup per environment at a time (two checkouts may share one). With wait=False: None when another
+    setup holds it."""
     env.parent.mkdir(parents=True, exist_ok=True)
     handle = open(env.parent / f"{env.name}.lock", "w")
     try:
@@ -269,11 +271,47 @@ def _lock(env: Path):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                handle.close()
+                return None
             say(f"another setup is building {env}; waiting for it")
             fcntl.flock(handle, fcntl.LOCK_EX)
     except ImportError:  # not POSIX: no lock
         pass
     return handle
+
+
+def last_used(env: Path) -> float:
+    """When a setup last used the environment: ensure() touches its marker on every use."""
+    for path in (env / ".complete", env):
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+def prune_others(keep: Path) -> list[str]:
+    """Each environment is ~2.5 GB and every change to the dependency spec makes a new one, so after a build the
+    root keeps only `keep` and the KEEP_OTHER_ENVS most recently used others. Only folders named env-<key> that
+    are virtual environments are touched, and never one whose lock another setup holds. Returns what was removed."""
+    others = [p for p in keep.parent.glob("env-*") if p != keep and re.fullmatch(r"env-[0-9a-f]{16}", p.name)
+              and p.is_dir() and (p / "pyvenv.cfg").is_file()]
+    others.sort(key=last_used, reverse=True)
+    removed = []
+    for env in others[KEEP_OTHER_ENVS:]:
+        handle = _lock(env, wait=False)
+        if handle is None:
+            continue
+        try:
+            shutil.rmtree(env, ignore_errors=True)
+            (env.parent / f"{env.name}.log").unlink(missing_ok=True)
+            removed.append(env.name)
+        finally:
+            handle.close()
+    if removed:
+        say(f"removed {len(removed)} older environment(s) no setup has used lately: {', '.join(removed)}")
+    return removed
 
 
 def pip_cache_is_empty(python: Path) -> bool:
@@ -356,7 +394,10 @@ def ensure() -> Path:
     with _lock(env):
         if not (env / ".complete").is_file():
             build(env, wanted)
-        elif not points_here(env):
+            prune_others(env)
+            return env
+        os.utime(env / ".complete")  # last used now: prune_others keeps the environments in use
+        if not points_here(env):
             # the cached environment was built for another checkout: point its editable install here (no
             # downloads; pip's isolated build of the project needs setuptools from its cache or the index)
             log = env.parent / f"{env.name}.log"

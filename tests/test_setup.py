@@ -169,6 +169,45 @@ def test_a_build_knows_whether_pip_started_from_nothing(tmp_path, monkeypatch):
     assert bootstrap.built_record(tmp_path / "env") == {}
 
 
+def fake_env(root: Path, key: str, used: float, *, venv: bool = True) -> Path:
+    env = root / f"env-{key}"
+    (env / "bin").mkdir(parents=True)
+    if venv:
+        (env / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (env / ".complete").write_text("{}\n")
+    os.utime(env / ".complete", (used, used))
+    (root / f"env-{key}.log").write_text("pip's log\n")
+    return env
+
+
+def test_older_environments_are_pruned_but_never_one_in_use_or_not_ours(tmp_path, monkeypatch):
+    """Each dependency change builds a new ~2.5 GB environment; after a build only the newest other one stays. One
+    whose lock another setup holds stays, and nothing that is not an env-<key> virtual environment is touched (the
+    root may be any folder the user points POCKETVLM_ENV_ROOT at)."""
+    import fcntl
+
+    monkeypatch.setattr(bootstrap, "say", lambda message: None)
+    now = time.time()
+    keep = fake_env(tmp_path, "a" * 16, now)
+    newest_other = fake_env(tmp_path, "b" * 16, now - 60)
+    old = [fake_env(tmp_path, f"{c}" * 16, now - 86400 * age) for c, age in (("c", 3), ("d", 30))]
+    busy = fake_env(tmp_path, "e" * 16, now - 86400 * 90)
+    not_a_venv = fake_env(tmp_path, "f" * 16, now - 86400 * 90, venv=False)
+    not_a_key = fake_env(tmp_path, "photos", now - 86400 * 90)
+    (tmp_path / "env-notes.txt").write_text("mine")
+    with open(tmp_path / f"{busy.name}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another setup is using it right now
+        removed = bootstrap.prune_others(keep)
+    assert sorted(removed) == sorted(p.name for p in old)
+    for env in old:
+        assert not env.exists() and not (tmp_path / f"{env.name}.log").exists()
+    for env in (keep, newest_other, busy, not_a_venv, not_a_key):
+        assert (env / ".complete").is_file() and (tmp_path / f"{env.name}.log").is_file()
+    assert (tmp_path / "env-notes.txt").read_text() == "mine"
+    assert bootstrap.prune_others(keep) == [busy.name]  # its setup has finished
+    assert bootstrap.prune_others(keep) == []
+
+
 def test_a_missing_compiler_is_one_line_naming_the_install_command(tmp_path):
     env_root = tmp_path / "envs"
     clean = {"PATH": restricted_path(tmp_path, ["dirname"]), "HOME": str(tmp_path),
