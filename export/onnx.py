@@ -10,6 +10,9 @@ TorchScript exporter fails on this architecture). Found by trying (torch 2.13, t
   image); the patch mask is computed with reshape + sum instead of unfold, cropped first where the patch size
   does not divide the tile (2.2B), and torch.bucketize (patch position ids) is traced as a comparison count: the
   exporter's binary-search version gathers out of range for 26 boundaries (2.2B), failing at run time;
+- torch and onnx disagree on a float arange's length (2.2B's boundaries: 27 in torch, 26 folded in float32); the
+  shapes torch recorded downstream of it are dropped, or onnx's shape inference (onnxruntime's quantizers run it)
+  refuses the graph;
 - the exporter names weights val_<n>; they are renamed after the transformers parameter they hold (`<name>.T` when
   transposed for MatMul) and node metadata (stack traces with local paths) is dropped;
 - traced as-is, transformers' attention (repeat_kv + sdpa) copies the whole KV cache three to four times per layer
@@ -248,6 +251,7 @@ def export_fp32(model_dir: Path | str, root: Path | str, *, progress: bool) -> d
         start = time.perf_counter()
         model = _trace(module.eval(), args, inputs, outputs, dynamic, progress)
         _tidy(model, params)
+        _drop_stale_shapes(model)
         qonnx.save(model, root / part_file("fp32", part))
         del model
         seconds[part] = round(time.perf_counter() - start, 2)
@@ -273,6 +277,32 @@ def _trace(module, args, inputs, outputs, dynamic, progress: bool):
     finally:
         quiet.setLevel(level)
     return program.model
+
+
+def _drop_stale_shapes(model) -> int:
+    """Drop the traced shape of every value computed from a constant the optimizer folded to another shape, and
+    give the constant its real one. torch and onnx disagree on float arange lengths: the vision tower's patch
+    boundaries, arange(1/27, 1, 1/27) at 2.2B, have 27 elements in torch (which records that shape downstream) and
+    26 once folded in float32. The graph computes the same buckets (the extra boundary is 1.0, never reached), but
+    onnx's shape inference, which onnxruntime's quantizers run, rejects annotations that disagree. Returns how many
+    values lost their traced shape."""
+    stale = []
+    for value in model.graph.initializers.values():
+        if value.const_value is not None and value.shape is not None \
+                and tuple(value.shape) != tuple(value.const_value.shape):
+            value.shape = value.const_value.shape
+            stale.append(value)
+    dropped, seen = 0, set()
+    while stale:
+        for node in stale.pop().consumers():
+            for out in node.outputs:
+                if id(out) in seen or out.is_graph_output():
+                    continue
+                seen.add(id(out))
+                if out.shape is not None:
+                    out.shape, dropped = None, dropped + 1
+                stale.append(out)
+    return dropped
 
 
 def _tidy(model, params: dict) -> None:

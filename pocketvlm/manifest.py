@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import ArtifactError, PocketVLMError
@@ -207,17 +208,82 @@ def atomic_output(out: Path, *, force: bool = False, protect: tuple[Path, ...] =
     check_output(out, force=force, protect=protect)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_abandoned(out)
         scratch = out.parent / f"{out.name}{PARTIAL}{secrets.token_hex(4)}"
         scratch.mkdir()
+        held = _hold(scratch)
     except OSError as e:
         raise PocketVLMError(f"cannot create the output folder beside {out} ({e.strerror or e})") from e
     try:
-        yield scratch
-        if not (scratch / FILENAME).is_file():
-            raise RuntimeError(f"bug: {scratch} finished without {FILENAME}")
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+        try:
+            yield scratch
+            if not (scratch / FILENAME).is_file():
+                raise RuntimeError(f"bug: {scratch} finished without {FILENAME}")
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        _move_into_place(scratch, out)
+    finally:
+        if held is not None:
+            os.close(held)  # after the rename: a sweep never sees this folder unlocked while it is a scratch
+
+
+def _hold(folder: Path) -> int | None:
+    """Lock FOLDER (flock on the directory) for as long as this process builds it. The system drops the lock when
+    the process ends however it ends -- kill -9, the out-of-memory killer -- which is how sweep_abandoned tells a
+    folder nobody will finish from one being built. None where there is no flock (not POSIX, or a filesystem
+    without locks): the folder is not held, and sweep_abandoned, unable to lock it either, leaves it alone."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def sweep_abandoned(out: Path) -> list[Path]:
+    """Remove OUT's scratch folders (OUT.partial-<8 hex>, real folders, not links) that no process holds: left by a
+    run killed without a chance to clean up, at 2.2B several GB each. One being built is locked and kept; a folder
+    of any other name is never touched. Returns what was removed."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    name = re.compile(re.escape(out.name + PARTIAL) + "[0-9a-f]{8}")
+    try:
+        candidates = [p for p in out.parent.iterdir() if name.fullmatch(p.name)]
+    except OSError:
+        return []
+    removed = []
+    for path in candidates:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # a file, a link, gone already
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
+                continue  # renamed (finished) and replaced meanwhile
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:  # locked: being built, or gone
+            continue
+        finally:
+            os.close(fd)
+    if removed:
+        print(f"pocketvlm: removed {len(removed)} scratch folder(s) of {out} left by a killed run", file=sys.stderr)
+    return removed
+
+
+def _move_into_place(scratch: Path, out: Path) -> None:
     try:
         if out.exists():
             old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"

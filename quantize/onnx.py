@@ -126,18 +126,37 @@ def convert_part(src: Path, dest: Path, part: str, quant: str, work: Path, root:
     work.mkdir(parents=True, exist_ok=True)
     tmp = work / f"{part}.onnx"
     how = part_method(quant, part)
-    with _quiet_logs():
-        if how == "int8":
-            _int8(src, tmp, part)
-        elif how == "q4":
-            _q4(src, tmp, part, root)
-        else:
-            _fp16(src, tmp, root)
+    try:
+        with _quiet_logs():
+            if how == "int8":
+                _int8(src, tmp, part)
+            elif how == "q4":
+                _q4(src, tmp, part, root)
+            else:
+                _fp16(src, tmp, root)
+    except MemoryError as e:
+        raise PocketVLMError(f"out of memory converting the {part} graph to {how}; close other programs or "
+                             f"convert on a machine with more memory") from e
+    except Exception as e:
+        if not _raised_by_tools(e):
+            raise  # our own bug: keep the traceback
+        # not the folder: during an export it is a scratch folder the user never sees
+        raise ArtifactError(f"cannot convert the {part} graph to {how}: onnxruntime's tools refused it "
+                            f"({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from e
     gc.collect()  # onnxruntime's quantizers leave reference cycles holding the weights (1.6 GB at 500M for q4)
     resave(tmp, dest)
     shutil.rmtree(work, ignore_errors=True)
     gc.collect()
     return _verify_part(src, dest, part, how)
+
+
+def _raised_by_tools(error: BaseException) -> bool:
+    """Whether ERROR came out of onnx's or onnxruntime's own code (a graph their checks refuse: shape inference,
+    the checker, a quantizer's assumptions), judged by the innermost Python frame it passed through."""
+    tb, module = error.__traceback__, ""
+    while tb is not None:
+        module, tb = tb.tb_frame.f_globals.get("__name__", ""), tb.tb_next
+    return module.split(".")[0] in ("onnx", "onnxruntime", "onnx_ir")
 
 
 def part_method(quant: str, part: str) -> str:

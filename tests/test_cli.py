@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from conftest import SAMPLES, assert_user_error, draw_image, run_cli
@@ -240,6 +241,60 @@ def test_sigterm_removes_the_half_built_folder(tmp_path, signame):
             proc.wait()
     assert proc.returncode == 128 + signum
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run_but_a_live_one_is_not(tmp_path):
+    """kill -9 (or the out-of-memory killer) gives no chance to clean up: the OUT.partial-* folder stays. The next
+    run writing OUT removes it; a scratch folder another process is still building is kept, and nothing else is
+    touched: other names, another OUT's scratch, a file or a link named like a scratch folder."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "m"
+    builder = ("import sys\nfrom pocketvlm.manifest import atomic_output\n"
+               "with atomic_output(sys.argv[1]) as scratch:\n"
+               "    (scratch / 'half.bin').write_bytes(b'x' * 1000)\n"
+               "    print(scratch, flush=True)\n"
+               "    sys.stdin.readline()\n"  # building until told to stop
+               "    raise SystemExit(1)\n")
+
+    def start_building():
+        proc = subprocess.Popen([sys.executable, "-c", builder, str(out)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        scratch = Path(proc.stdout.readline().strip())
+        assert scratch.parent == tmp_path and (scratch / "half.bin").is_file(), scratch
+        return proc, scratch
+
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "data.txt").write_text("mine")
+    lookalikes = [tmp_path / "m.partial-notours", tmp_path / "other.partial-0123abcd", tmp_path / "m.partial-0123"]
+    for folder in lookalikes:
+        folder.mkdir()
+        (folder / "data.txt").write_text("mine")
+    (tmp_path / "m.partial-deadbeef").symlink_to(keep, target_is_directory=True)
+    (tmp_path / "m.partial-feedf00d").write_text("a file, not a scratch folder")
+
+    live, building = start_building()
+    try:
+        killed, dead = start_building()  # starting beside the live one leaves it alone
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+        assert (dead / "half.bin").is_file(), "kill -9 cannot clean up: the scratch folder stays"
+        assert (building / "half.bin").is_file()
+        proc = run_cli("make-model", out, "--preset", "tiny", "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        assert "removed 1 scratch folder(s) of" in proc.stderr and "left by a killed run" in proc.stderr
+        assert not dead.exists() and (out / "pocketvlm.json").is_file()
+        assert (building / "half.bin").is_file() and live.poll() is None  # locked: kept
+    finally:
+        live.communicate("stop\n", timeout=60)
+    assert not building.exists()  # its own failure cleaned it up
+    assert all((folder / "data.txt").read_text() == "mine" for folder in (keep, *lookalikes))
+    assert (tmp_path / "m.partial-deadbeef").is_symlink() and (tmp_path / "m.partial-feedf00d").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m", "keep", "m.partial-deadbeef", "m.partial-feedf00d", *(f.name for f in lookalikes)])
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])

@@ -250,10 +250,12 @@ def test_q4_graphs_are_their_dequantized_weights(onnx_exports, tiny_model):
     assert np.abs(ours[0].logits - fp32[0].logits).max() > 100 * 1e-4
 
 
-def test_a_patch_size_that_does_not_divide_the_tile(tiny_model, tmp_path):
-    """2.2B's 384-pixel tiles and 14-pixel patches leave a 6-pixel edge no patch covers (transformers' unfold and the
-    patch convolution drop it). A tiny model with the same misfit (90-pixel tiles, 14-pixel patches) exports and
-    reproduces the reference."""
+def test_the_2_2b_vision_geometry_exports_quantizes_and_reproduces_the_reference(tiny_model, tmp_path):
+    """2.2B's vision geometry at a tiny width: 384-pixel tiles and 14-pixel patches leave a 6-pixel edge no patch
+    covers (transformers' unfold and the patch convolution drop it), 27 patches a side make torch's patch boundaries
+    (arange(1/27, 1, 1/27)) one element longer than onnx's float32 fold of them, and pixel shuffle by 3. The fp32
+    export reproduces the reference, and int8 quantization (whose shape inference refused the 2.2B graph) works."""
+    import onnx
     import torch
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
@@ -264,7 +266,7 @@ def test_a_patch_size_that_does_not_divide_the_tile(tiny_model, tmp_path):
     for name in ("pocketvlm.json", "model.safetensors"):
         (src / name).unlink()
     config = SmolVLMConfig.from_pretrained(tiny_model)
-    config.vision_config.image_size, config.vision_config.patch_size = 90, 14
+    config.vision_config.image_size, config.vision_config.patch_size, config.scale_factor = 384, 14, 3
     torch.manual_seed(0)
     model = SmolVLMForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -273,21 +275,50 @@ def test_a_patch_size_that_does_not_divide_the_tile(tiny_model, tmp_path):
                 param.normal_(0, 0.02)  # the ordinary initialisation, as make-model uses
     model.save_pretrained(src)
     pre = load_json(src / "preprocessor_config.json")
-    pre["max_image_size"], pre["size"] = {"longest_edge": 90}, {"longest_edge": 180}
+    pre["max_image_size"], pre["size"] = {"longest_edge": 384}, {"longest_edge": 768}
     (src / "preprocessor_config.json").write_text(json.dumps(pre))
     (src / "processor_config.json").write_text(json.dumps({"processor_class": "SmolVLMProcessor",
-                                                           "image_seq_len": (90 // 14) ** 2 // 4}))
+                                                           "image_seq_len": (384 // 14) ** 2 // 9}))
     out = tmp_path / "onnx"
     proc = run_cli("export", src, "--to", "onnx", "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
+    # every annotation agrees with what onnx infers (strict: a disagreement raises)
+    onnx.shape_inference.infer_shapes_path(str(out / part_file("fp32", "vision_encoder")), str(tmp_path / "i.onnx"),
+                                           strict_mode=True)
     backend, reference = open_backend(out), ReferenceBackend(src)
     request = circle_request(width=250, height=130)
     assert backend.prompt_token_ids(request) == reference.prompt_token_ids(request)
-    assert backend.processor.encode(request).pixel_values.shape[-1] == 90
+    assert backend.processor.encode(request).pixel_values.shape[-1] == 384
     ours = backend.run(request, 8, ignore_eos=True, with_logits=True)
     ref = reference.run(request, 8, ignore_eos=True, with_logits=True)
     assert ours.token_ids == ref.token_ids
     assert np.abs(ours.logits[0] - ref.logits[0]).max() < 1e-4
+    proc = run_cli("quantize", out, "--quant", "int8", "--out", tmp_path / "int8", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    int8 = open_backend(tmp_path / "int8").run(request, 8, ignore_eos=True, with_logits=True)
+    assert np.isfinite(int8.logits[0]).all() and len(int8.token_ids) == 8
+
+
+def test_a_graph_onnxruntime_refuses_to_quantize_is_one_line_naming_it(onnx_exports, tmp_path):
+    """An fp32 part whose shape annotations contradict its graph (what the 2.2B vision encoder was before the
+    exporter dropped stale shapes): quantization stops in one line naming the part and onnx's reason, and leaves
+    no output behind."""
+    import onnx
+
+    art = tmp_path / "art"
+    shutil.copytree(onnx_exports["fp32"], art)
+    path = art / part_file("fp32", "vision_encoder")
+    graph = onnx.load(str(path), load_external_data=False)
+    annotated = next(v for v in graph.graph.value_info
+                     if any(d.HasField("dim_value") and d.dim_value > 1 for d in v.type.tensor_type.shape.dim))
+    dim = next(d for d in annotated.type.tensor_type.shape.dim if d.HasField("dim_value") and d.dim_value > 1)
+    dim.dim_value += 1
+    onnx.save(graph, str(path))  # the weights stay where they were (external data is not rewritten)
+    rehash(art)
+    for quant in ("int8", "q4"):
+        assert_user_error(run_cli("quantize", art, "--quant", quant, "--out", tmp_path / quant, "--quiet"),
+                          "cannot convert the vision_encoder graph to int8", "ShapeInferenceError")
+        no_leftovers(tmp_path, quant)
 
 
 # ------------------------------------------------------------------------------------------ layout, backend
