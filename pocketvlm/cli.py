@@ -511,11 +511,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminated(signum, frame):
-    # SystemExit unwinds like an exception, so a half-built OUT.partial-* folder is removed on the way out
-    raise SystemExit(128 + signum)
-
-
 def _default_subcommands(argv: list[str]) -> list[str]:
     """`pocketvlm bench ARTIFACT...` is `pocketvlm bench run ARTIFACT...` (the form README and users have)."""
     argv = list(argv)
@@ -532,11 +527,9 @@ def debug_enabled(args=None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
+    from . import interrupts
 
-    signal.signal(signal.SIGTERM, _terminated)
-    if hasattr(signal, "SIGHUP"):  # a closed terminal cleans up like a kill
-        signal.signal(signal.SIGHUP, _terminated)
+    interrupts.install()
     args = build_parser().parse_args(_default_subcommands(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)

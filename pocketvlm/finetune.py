@@ -28,6 +28,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from . import interrupts
 from .errors import PocketVLMError
 
 HELP = "teach a model new image questions with LoRA (peft) on your own pictures"
@@ -423,6 +424,7 @@ def train_steps(model, processor, rows: list[Row], *, steps: int, batch: int, lr
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="finetune", unit="step", disable=not progress, leave=False)
     for _ in bar:
+        interrupts.check()  # a Ctrl-C a finaliser swallowed (pocketvlm.interrupts)
         picked = []
         while len(picked) < batch:  # epochs run into each other: the last partial batch is topped up
             if cursor == len(order):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import interrupts
 from .prompt import Processor, Request
 from .synthetic import TRAIN_SEED, examples, task_cycle
 
@@ -105,6 +106,7 @@ def train(model, model_dir: Path, cfg: dict, *, seed: int = 0, progress: bool = 
     start, losses, cursor = time.perf_counter(), [], 0
     bar = tqdm(range(steps), desc="train micro", disable=not progress, leave=False)
     for _ in bar:
+        interrupts.check()  # a Ctrl-C a finaliser swallowed (pocketvlm.interrupts)
         if cursor + batch > len(order):
             order, cursor = torch.randperm(len(data), generator=generator), 0
         inputs = _batch([data[i] for i in order[cursor:cursor + batch].tolist()], pad)

@@ -243,6 +243,34 @@ def test_sigterm_removes_the_half_built_folder(tmp_path, signame):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_a_finaliser_swallows_is_raised_again_by_the_next_check(signame):
+    """A signal whose exception is raised inside a __del__ (the garbage collector runs them at any point) is printed
+    and dropped by Python; pocketvlm.interrupts keeps it, and check() -- once per training step -- raises it again.
+    (A fine-tune trained on for minutes after Ctrl-C under the suite.)"""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys\n"
+            "from pocketvlm import interrupts\n"
+            "interrupts.install()\n"
+            "class Finaliser:\n"
+            "    def __del__(self):\n"
+            f"        os.kill(os.getpid(), signal.{signame})\n"
+            "        sum(range(1000))  # the handler runs here, inside __del__\n"
+            "Finaliser()\n"
+            "print('went on', flush=True)\n"
+            "try:\n"
+            "    interrupts.check()\n"
+            "except BaseException as e:\n"
+            "    print('raised again:', type(e).__name__, getattr(e, 'code', ''), flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Exception ignored" in proc.stderr  # Python dropped the first raise, as it does
+    expected = "KeyboardInterrupt " if signame == "SIGINT" else "SystemExit 143"
+    assert proc.stdout.splitlines() == ["went on", f"raised again: {expected}"], proc.stdout
+
+
 def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run_but_a_live_one_is_not(tmp_path):
     """kill -9 (or the out-of-memory killer) gives no chance to clean up: the OUT.partial-* folder stays. The next
     run writing OUT removes it; a scratch folder another process is still building is kept, and nothing else is
