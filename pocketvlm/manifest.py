@@ -211,7 +211,10 @@ def atomic_output(out: Path, *, force: bool = False, protect: tuple[Path, ...] =
         sweep_abandoned(out)
         scratch = out.parent / f"{out.name}{PARTIAL}{secrets.token_hex(4)}"
         scratch.mkdir()
-        held = _hold(scratch)
+        # held while this process builds it; the system drops the lock however the process ends (kill -9, the
+        # out-of-memory killer), which is how sweep_abandoned tells an abandoned folder from one being built.
+        # None (no flock here): not held, and a sweep, unable to lock it either, leaves it alone
+        held = _locked(scratch)
     except OSError as e:
         raise PocketVLMError(f"cannot create the output folder beside {out} ({e.strerror or e})") from e
     try:
@@ -228,17 +231,15 @@ def atomic_output(out: Path, *, force: bool = False, protect: tuple[Path, ...] =
             os.close(held)  # after the rename: a sweep never sees this folder unlocked while it is a scratch
 
 
-def _hold(folder: Path) -> int | None:
-    """Lock FOLDER (flock on the directory) for as long as this process builds it. The system drops the lock when
-    the process ends however it ends -- kill -9, the out-of-memory killer -- which is how sweep_abandoned tells a
-    folder nobody will finish from one being built. None where there is no flock (not POSIX, or a filesystem
-    without locks): the folder is not held, and sweep_abandoned, unable to lock it either, leaves it alone."""
+def _locked(path: Path, flags: int = 0) -> int | None:
+    """A descriptor of PATH (opened read-only | FLAGS) holding an exclusive flock on it, taken without waiting; None
+    if there is no flock here, PATH cannot be opened so, or another process holds the lock."""
     try:
         import fcntl
     except ImportError:
         return None
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | flags)
     except OSError:
         return None
     try:
@@ -253,10 +254,6 @@ def sweep_abandoned(out: Path) -> list[Path]:
     """Remove OUT's scratch folders (OUT.partial-<8 hex>, real folders, not links) that no process holds: left by a
     run killed without a chance to clean up, at 2.2B several GB each. One being built is locked and kept; a folder
     of any other name is never touched. Returns what was removed."""
-    try:
-        import fcntl
-    except ImportError:
-        return []
     name = re.compile(re.escape(out.name + PARTIAL) + "[0-9a-f]{8}")
     try:
         candidates = [p for p in out.parent.iterdir() if name.fullmatch(p.name)]
@@ -264,18 +261,15 @@ def sweep_abandoned(out: Path) -> list[Path]:
         return []
     removed = []
     for path in candidates:
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:  # a file, a link, gone already
+        fd = _locked(path, getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        if fd is None:  # being built (locked), a file or a link, gone already, or no flock here
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
-                continue  # renamed (finished) and replaced meanwhile
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        except OSError:  # locked: being built, or gone
-            continue
+            if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:  # not renamed and replaced
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        except OSError:  # gone meanwhile
+            pass
         finally:
             os.close(fd)
     if removed:
