@@ -532,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     interrupts.install()
     args = build_parser().parse_args(_default_subcommands(sys.argv[1:] if argv is None else argv))
     try:
-        return args.func(args)
+        status = args.func(args)
+        interrupts.check()  # a stop signal whose exception a finaliser swallowed: exit as stopped
+        return status
     except PocketVLMError as e:
         if debug_enabled(args):
             import traceback

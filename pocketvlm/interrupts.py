@@ -4,8 +4,9 @@ out), and that a long loop cannot lose.
 Python raises a signal's exception wherever the main thread happens to be. Raised inside a finaliser (a __del__ or
 a weakref callback, which the garbage collector runs at any point -- every training step frees thousands of
 tensors), it is printed as "Exception ignored" and dropped: a fine-tune went on training for minutes after Ctrl-C
-under the test suite. So the handler also records the signal, and long loops call check() once per step, which
-raises it again.
+under the test suite, and a make-model stopped by SIGTERM finished and exited 0. So the handler also records the
+signal, and check() raises it again: long loops call it once per step, atomic_output before it renames a finished
+folder into place (a stopped run never commits its output), and the CLI before it exits.
 """
 
 from __future__ import annotations
@@ -42,3 +43,9 @@ def check() -> None:
     """Raise the signal's exception again if one arrived (its first raise may have been swallowed)."""
     if _pending is not None:
         raise _exception(_pending)
+
+
+def clear() -> None:
+    """Forget a signal the caller has handled (serve stops on Ctrl-C as its way to end, status 0)."""
+    global _pending
+    _pending = None

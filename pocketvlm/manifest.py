@@ -19,6 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from . import interrupts
 from .errors import ArtifactError, PocketVLMError
 
 FILENAME = "pocketvlm.json"
@@ -222,6 +223,7 @@ def atomic_output(out: Path, *, force: bool = False, protect: tuple[Path, ...] =
             yield scratch
             if not (scratch / FILENAME).is_file():
                 raise RuntimeError(f"bug: {scratch} finished without {FILENAME}")
+            interrupts.check()  # a stop signal whose exception a finaliser swallowed: do not commit
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise

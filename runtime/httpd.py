@@ -32,6 +32,7 @@ import traceback
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 
+from pocketvlm import interrupts
 from pocketvlm.errors import PocketVLMError
 
 MAX_HEAD = 64 << 10          # request line + headers; BaseHTTPRequestHandler alone would take 100 lines of 64 KB
@@ -837,7 +838,7 @@ def serve_until_interrupted(server: HTTPServer) -> int:
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        interrupts.clear()  # handled: Ctrl-C is how serve ends
     finally:
         server.server_close()
     return 0
