@@ -150,6 +150,33 @@ def test_batch_of_two_with_left_padding_gives_each_row_its_own_logits(backends):
                    for name, value in zip(backend.output_names[1:], outputs[1:])}}
 
 
+def test_vision_encoder_masks_padded_patches_as_the_reference_does(backends, reference, onnx_exports):
+    """Two tiles, the second with its lower half padding (pixels zero, mask false), through the fp32 vision graph
+    and through transformers (sdpa): the same features, the padded tile's included, so eager attention with a finite
+    mask (no NaN guard in the graph) masks the same patches. Not the same when the mask is ignored: the padded
+    tile's features then differ."""
+    import onnx
+    import torch
+
+    graph = onnx.load(str(onnx_exports["fp32"] / part_file("fp32", "vision_encoder")), load_external_data=False).graph
+    assert "IsNaN" not in {n.op_type for n in graph.node}  # sdpa's guard over every layer's scores is not traced
+    backend = backends["fp32"]
+    side = backend.processor.config.max_image_size
+    pixels = np.random.default_rng(0).standard_normal((1, 2, 3, side, side)).astype(np.float32)
+    mask = np.ones((1, 2, side, side), bool)
+    mask[0, 1, side // 2:] = False
+    pixels[0, 1, :, side // 2:] = 0
+    ours = backend.vision.run(None, {"pixel_values": pixels, "pixel_attention_mask": mask})[0]
+    unmasked = backend.vision.run(None, {"pixel_values": pixels, "pixel_attention_mask": np.ones_like(mask)})[0]
+    with torch.inference_mode():
+        out = reference.model.get_image_features(pixel_values=torch.from_numpy(pixels),
+                                                 pixel_attention_mask=torch.from_numpy(mask), return_dict=True)
+    ref = torch.cat(list(out.pooler_output)).float().numpy().reshape(ours.shape)
+    scale = np.abs(ref).max()
+    assert np.abs(ours - ref).max() < 1e-4 * scale
+    assert np.abs(unmasked[1] - ref[1]).max() > 1e-2 * scale  # the mask matters for the padded tile
+
+
 def test_fp16_keeps_rotary_angles_and_fp32_chains_unrounded(onnx_exports):
     """The fp16 decoder computes position x inv_freq -> cos/sin in fp32 (rope_nodes), and no fp32 value is rounded
     to fp16 and straight back (the float16 converter's Cast pairs between kept nodes, which rounded the angle and
