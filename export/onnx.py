@@ -194,7 +194,7 @@ def _choose_attention(hf) -> None:
     """Register _grouped_attention through transformers' public AttentionInterface (with eager's additive mask) and
     switch the text model to it; the vision tower to transformers' own eager attention. The vision tower's mask
     only pads keys (tiles are never all padding: the caller drops those), so eager's finite minimum gives the same
-    softmax as sdpa's -inf without sdpa's NaN guard: one-tile int8 encode at the 500M shape 0.55 -> 0.43 s
+    softmax as sdpa's -inf without sdpa's NaN guard: one-tile int8 encode at the 500M shape 0.67 -> 0.44 s, median
     (docs/BENCH.md "Vision attention")."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
