@@ -150,6 +150,29 @@ def test_batch_of_two_with_left_padding_gives_each_row_its_own_logits(backends):
                    for name, value in zip(backend.output_names[1:], outputs[1:])}}
 
 
+@pytest.mark.parametrize("quant", ["fp32", "q4"])
+def test_a_prompt_prefilled_in_chunks_continues_as_one_call_does(onnx_exports, quant):
+    """The prompt goes through the decoder prefill_chunk tokens per call, each chunk attending to the cache the
+    earlier ones left: the first logits and every decode step after them equal a prefill in one call."""
+    request = circle_request()
+    whole, chunked = open_backend(onnx_exports[quant]), open_backend(onnx_exports[quant])
+    n_prompt = len(whole.prompt_token_ids(request))
+    whole.prefill_chunk, chunked.prefill_chunk = n_prompt, 7
+    assert n_prompt % 7 and n_prompt > 2 * 7  # a short last chunk, and chunks that attend to earlier ones
+    calls = {"whole": [], "chunked": []}
+    for name, backend in (("whole", whole), ("chunked", chunked)):
+        step = backend.step
+        backend.step = lambda embeds, *a, _step=step, _log=calls[name], **k: _log.append(embeds.shape[1]) or _step(
+            embeds, *a, **k)
+    steps = {name: list(b.generate(request, 5, ignore_eos=True, with_logits=True))
+             for name, b in (("whole", whole), ("chunked", chunked))}
+    assert calls["whole"][:1] == [n_prompt]
+    assert calls["chunked"][:-4] == [7] * (n_prompt // 7) + [n_prompt % 7], calls["chunked"]
+    assert [s.token_id for s in steps["chunked"]] == [s.token_id for s in steps["whole"]]
+    for i, (a, b) in enumerate(zip(steps["whole"], steps["chunked"])):
+        assert np.abs(a.logits - b.logits).max() < 1e-4, i
+
+
 def test_vision_encoder_masks_padded_patches_as_the_reference_does(backends, reference, onnx_exports):
     """Two tiles, the second with its lower half padding (pixels zero, mask false), through the fp32 vision graph
     and through transformers (sdpa): the same features, the padded tile's included, so eager attention with a finite
