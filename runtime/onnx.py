@@ -58,7 +58,8 @@ class ONNXBackend(Backend):
         # a session's arena at its high-water mark: the vision arena was still held while the decoder's prefill grew
         # its own. Calls that make them give the arena's free regions back when they return (decode steps, small and
         # many, keep theirs). Measured at the 500M shape, int8, 1 thread: 13 tiles peak 1421 -> 1191 MB, one tile
-        # 885 -> 852 MB, no slower (docs/BENCH.md "Vision tiles per call").
+        # 885 -> 852 MB, no slower (docs/BENCH.md "Vision tiles per call"). A region still holding an output cannot
+        # be given back, so every call writes its outputs into numpy arrays of ours (bound_outputs) instead.
         self.release_arena = ort.RunOptions()
         self.release_arena.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         start = time.perf_counter()
@@ -76,6 +77,9 @@ class ONNXBackend(Backend):
         first = next(iter(self.past_inputs.values()))
         self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
         self.kv_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
+        self.logits_spec = _static_output(self.decoder, "logits", self.path, dynamic=2)
+        self.features_spec = _static_output(self.vision, self.vision.get_outputs()[0].name, self.path,
+                                            dynamic=1)
 
     def describe(self) -> dict:
         import onnxruntime as ort
@@ -98,11 +102,15 @@ class ONNXBackend(Backend):
         """Vision encoder + connector for one request's tiles -> [tiles, image_seq_len, hidden], vision_batch
         tiles per session call (padding tiles dropped first, as transformers does)."""
         tiles, masks = real_tiles(enc.pixel_values, enc.pixel_attention_mask)
-        parts = [self.vision.run(None, {"pixel_values": np.ascontiguousarray(tiles[b][None], dtype=np.float32),
-                                        "pixel_attention_mask": np.ascontiguousarray(masks[b][None], dtype=bool)},
-                                 self.release_arena)[0]
-                 for b in tile_batches(len(tiles), self.vision_batch)]
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        name, (per_tile, hidden), dtype = self.features_spec
+        features = np.empty((len(tiles), per_tile, hidden), dtype)
+        for batch in tile_batches(len(tiles), self.vision_batch):
+            binding = self.vision.io_binding()
+            binding.bind_cpu_input("pixel_values", np.ascontiguousarray(tiles[batch][None], dtype=np.float32))
+            binding.bind_cpu_input("pixel_attention_mask", np.ascontiguousarray(masks[batch][None], dtype=bool))
+            bind_output(binding, name, features[batch])
+            _run(self.vision, binding, self.release_arena, self.path)
+        return features.astype(np.float32, copy=False)
 
     def merge(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray) -> np.ndarray:
         """Write image features over the embeddings of the <image> tokens, in order (masked_scatter's order)."""
@@ -126,23 +134,26 @@ class ONNXBackend(Backend):
 
     def step(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: dict, run_options=None) -> tuple[np.ndarray, dict]:
-        """forward() for the decode loop: the KV cache stays in onnxruntime's own buffers (OrtValues bound to the
-        next call as they are) instead of a round trip through numpy each step, which at the 2.2B shape with a long
-        image prompt moves ~300 MB per token. `past`: numpy arrays or the OrtValues a previous step returned."""
+        """forward() for the prefill and decode loop, through an IO binding: onnxruntime reads the inputs and the
+        KV cache from our numpy arrays and writes the logits and the grown cache into new ones of ours, with no copy
+        either way (a copy of the cache each step is ~300 MB per token at the 2.2B shape with a long image prompt).
+        Outputs onnxruntime allocated itself would live in the decoder's arena, pinning its regions: the cache
+        kept the prompt's high-water mark for the whole session. 500M shape, q4, 13 tiles, 4 requests: peak RSS
+        1087 -> 837 MB with the vision features bound the same way, decode speed unchanged."""
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
         binding.bind_cpu_input("attention_mask", attention_mask)
         binding.bind_cpu_input("position_ids", position_ids)
         for name, value in past.items():
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
-        self.decoder.run_with_iobinding(binding, run_options)
-        outputs = binding.get_outputs()
-        return outputs[0].numpy(), {past_name(n): v for n, v in zip(self.output_names[1:], outputs[1:])}
+            binding.bind_cpu_input(name, value)
+        batch, seq, total = embeds.shape[0], embeds.shape[1], attention_mask.shape[1]
+        name, (vocab,), dtype = self.logits_spec
+        logits = bind_output(binding, name, np.empty((batch, seq, vocab), dtype))
+        grown = {past_name(name): bind_output(binding, name, np.empty((batch, self.kv_heads, total, self.head_dim),
+                                                                       self.kv_dtype))
+                 for name in self.output_names[1:]}
+        _run(self.decoder, binding, run_options, self.path)
+        return logits, grown
 
     # ------------------------------------------------------------------------------------------- decoding
 
@@ -169,6 +180,42 @@ class ONNXBackend(Backend):
         return logits[0, -1]
 
 
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def _static_output(session, name: str, root: Path, dynamic: int) -> tuple[str, tuple[int, ...], type]:
+    """An output's name, its fixed dimensions after the first `dynamic` ones, and its numpy type, so calls can
+    write it into an array of ours. The layout has 3-d outputs: logits [batch, seq, vocab], image features
+    [tiles, image_seq_len, hidden]."""
+    output = next((o for o in session.get_outputs() if o.name == name), None)
+    tail = tuple(output.shape[dynamic:]) if output is not None and len(output.shape) == 3 else ()
+    if output is None or output.type not in _NUMPY_TYPES or not tail or not all(isinstance(d, int) for d in tail):
+        raise ArtifactError(f"{root}: the {name!r} output of a graph has no fixed shape and float type "
+                            f"({None if output is None else (output.shape, output.type)}); re-export the artifact")
+    return name, tail, _NUMPY_TYPES[output.type]
+
+
+def bind_output(binding, name: str, array: np.ndarray) -> np.ndarray:
+    """Have onnxruntime write output `name` into `array` (C-contiguous, of the output's exact shape and type)."""
+    binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+    return array
+
+
+def _run(session, binding, run_options, root: Path) -> None:
+    """run_with_iobinding; an output whose shape is not the one bound (an artifact whose graphs do not match each
+    other or its processor) as one line."""
+    try:
+        session.run_with_iobinding(binding, run_options)
+    except Exception as e:  # onnxruntime raises its own RuntimeException / Fail types
+        raise ArtifactError(f"{root}: onnxruntime failed running the artifact ({_one_line(e)}); re-export it") from e
+
+
+def _one_line(e: Exception, limit: int = 200) -> str:
+    """onnxruntime's message without its "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :" prefix, on one line."""
+    reason = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", " ".join(str(e).split()))
+    return reason if len(reason) <= limit else reason[:limit] + "..."
+
+
 def vision_weights(manifest: dict, quant: str) -> str:
     """What the vision encoder's weights are: the manifest says (quantize/onnx.py method()); artifacts made before it
     did had the vision encoder in the artifact's own quant."""
@@ -181,7 +228,5 @@ def _session(ort, path: Path, options, root: Path):
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/RuntimeException types
-        reason = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", " ".join(str(e).split()))
-        reason = reason if len(reason) <= 200 else reason[:200] + "..."
-        raise ArtifactError(f"{root}: onnxruntime cannot load {path.relative_to(root)} ({reason}); "
+        raise ArtifactError(f"{root}: onnxruntime cannot load {path.relative_to(root)} ({_one_line(e)}); "
                             f"the artifact is corrupt or incomplete, re-export it") from e
