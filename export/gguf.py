@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pocketvlm.artifact import base_tools, copy_processor_files, set_image_size, source_record
-from pocketvlm.errors import PocketVLMError
+from pocketvlm.errors import PocketVLMError, one_line
 from pocketvlm.formats.gguf import (VISION_QUANTS, default_vision_quant, mmproj_name as mmproj_file,
                                    model_name as model_file)
 from pocketvlm.formats.gguf_reader import check_pair, read_gguf
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(fetch_converter(progress=not args.quiet))
     except PocketVLMError as e:
-        print(f"pocketvlm: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"pocketvlm: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

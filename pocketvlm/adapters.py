@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ArtifactError, PocketVLMError, SourceError
+from .errors import ArtifactError, PocketVLMError, SourceError, one_line
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -89,8 +89,7 @@ def read_peft_adapter(path: Path) -> PeftAdapter:
                     raise SourceError(f"{path / WEIGHTS}: {name} has shape {shape}, not rank {rank}")
                 pairs.setdefault(m["module"], set()).add(m["ab"])
     except (OSError, ValueError) as e:
-        raise SourceError(f"{path / WEIGHTS}: unreadable ({e.__class__.__name__}: {' '.join(str(e).split())[:120]})") \
-            from e
+        raise SourceError(f"{path / WEIGHTS}: unreadable ({e.__class__.__name__}: {one_line(e, 120)})") from e
     incomplete = sorted(m for m, ab in pairs.items() if ab != {"A", "B"})
     if incomplete or not pairs:
         raise SourceError(f"{path / WEIGHTS}: " + (f"{incomplete[0]} has only one of lora_A / lora_B"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .errors import one_line
 from .manifest import sha256_file
 from .models import ModelSource
 
@@ -136,7 +137,7 @@ def _step_main(payload: str) -> int:
             import traceback
 
             traceback.print_exc()
-        print(CHILD_ERROR + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        print(CHILD_ERROR + one_line(e), file=sys.stderr, flush=True)
         return 2
     print(CHILD_RESULT + json.dumps(result), flush=True)
     return 0

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_USER_ERROR, PocketVLMError
+from .errors import EXIT_USER_ERROR, PocketVLMError, one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -540,8 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exception(e)  # with __cause__ / __context__: where it came from, in full
-        message = " ".join(str(e).split())  # always one line
-        print(f"pocketvlm: error: {message}", file=sys.stderr)
+        print(f"pocketvlm: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("pocketvlm: interrupted", file=sys.stderr)

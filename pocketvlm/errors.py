@@ -3,6 +3,13 @@
 EXIT_USER_ERROR = 2
 
 
+def one_line(error: BaseException | str, limit: int | None = None) -> str:
+    """An exception's message (or a text) on one line -- runs of whitespace, newlines included, become one space --
+    cut to `limit` characters with "..."; an exception's type name when it has no message."""
+    text = " ".join(str(error).split()) or (error.__class__.__name__ if isinstance(error, BaseException) else "")
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
+
+
 class PocketVLMError(Exception):
     """Something the user can fix: a bad path, image, option or artifact. The message is the whole story."""
 

@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import PocketVLMError
+from .errors import PocketVLMError, one_line
 
 OFFLINE_ENV = "POCKETVLM_OFFLINE"
 
@@ -173,7 +173,7 @@ def route(backend, request, max_tokens: int, fallback: Fallback | None, *, on_st
         reply = ask(provider, fallback.key, request.question, [_png(i) for i in request.images or []], max_tokens)
     except PocketVLMError as e:
         return Routed(device.answer, "device", conf, threshold,
-                      f"confidence {conf:.3f} < {threshold:g}, but the cloud failed ({' '.join(str(e).split())}); "
+                      f"confidence {conf:.3f} < {threshold:g}, but the cloud failed ({one_line(e)}); "
                       f"answered on the device", device)
     cost = (provider.cost(reply.prompt_tokens, reply.completion_tokens)
             if reply.prompt_tokens is not None and reply.completion_tokens is not None else None)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from pocketvlm.artifact import base_tools, copy_processor_files, inherited
-from pocketvlm.errors import ArtifactError, PocketVLMError
+from pocketvlm.errors import ArtifactError, PocketVLMError, one_line
 from pocketvlm.formats.onnx import DATA_SUFFIX, PARTS, SUBFOLDER, part_file
 from pocketvlm.manifest import atomic_output, write_manifest
 Q4_BLOCK_SIZE = 32
@@ -77,7 +77,7 @@ def load_proto(path: Path, root: Path, *, weights: bool = True):
         return onnx.load(str(path), load_external_data=weights)
     except Exception as e:  # DecodeError on a corrupt graph, ValidationError/OSError on a weights file, ...
         raise ArtifactError(f"{root}: cannot read {path.relative_to(root)} ({e.__class__.__name__}: "
-                            f"{' '.join(str(e).split())[:160]}); the artifact is corrupt or incomplete") from e
+                            f"{one_line(e, 160)}); the artifact is corrupt or incomplete") from e
 
 
 def check_part(path: Path, root: Path) -> None:
@@ -142,7 +142,7 @@ def convert_part(src: Path, dest: Path, part: str, quant: str, work: Path, root:
             raise  # our own bug: keep the traceback
         # not the folder: during an export it is a scratch folder the user never sees
         raise ArtifactError(f"cannot convert the {part} graph to {how}: onnxruntime's tools refused it "
-                            f"({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from e
+                            f"({e.__class__.__name__}: {one_line(e, 200)})") from e
     gc.collect()  # onnxruntime's quantizers leave reference cycles holding the weights (1.6 GB at 500M for q4)
     resave(tmp, dest)
     shutil.rmtree(work, ignore_errors=True)

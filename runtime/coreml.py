@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketvlm.errors import ArtifactError, PocketVLMError
+from pocketvlm.errors import ArtifactError, PocketVLMError, one_line
 from pocketvlm.formats.coreml import (DECODER, EMBEDDINGS, FORMAT, VISION, causal_mask, compute_units,
                                       compute_units_note)
 from pocketvlm.manifest import read_manifest
@@ -66,8 +66,8 @@ class CoreMLBackend(Backend):
             self.vision = ct.models.MLModel(str(self.path / VISION), compute_units=units)
             self.decoder = ct.models.MLModel(str(self.path / DECODER), compute_units=units)
         except Exception as e:
-            reason = " ".join(str(e).split())[:200]
-            raise ArtifactError(f"{self.path}: Core ML cannot load the packages ({reason}); re-export it") from e
+            raise ArtifactError(f"{self.path}: Core ML cannot load the packages ({one_line(e, 200)}); re-export it") \
+                from e
         self.embeddings = np.load(self.path / EMBEDDINGS, mmap_mode="r")
         self.load_s = time.perf_counter() - start
         states = {s.name: list(s.type.stateType.arrayType.shape) for s in self.decoder.get_spec().description.state}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketvlm.errors import ArtifactError
+from pocketvlm.errors import ArtifactError, one_line
 from pocketvlm.manifest import read_manifest
 from pocketvlm.prompt import Encoded, Processor
 
@@ -63,8 +63,8 @@ class MLXBackend(Backend):
                 self.model.eval()
             mx.eval(self.model.parameters())
         except Exception as e:  # mlx-vlm raises ValueError/RuntimeError/OSError/KeyError for broken folders
-            detail = " ".join(str(e).split())[:200] or e.__class__.__name__
-            raise ArtifactError(f"{self.path}: mlx-vlm cannot load this folder ({e.__class__.__name__}: {detail}); "
+            raise ArtifactError(f"{self.path}: mlx-vlm cannot load this folder ({e.__class__.__name__}: "
+                                f"{one_line(e, 200)}); "
                                 f"re-export it") from e
         self.adapter = Path(adapter) if adapter is not None else None
         self.load_s = time.perf_counter() - start

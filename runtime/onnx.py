@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketvlm.errors import ArtifactError
+from pocketvlm.errors import ArtifactError, one_line
 from pocketvlm.formats.onnx import DATA_SUFFIX, PARTS, SUFFIXES, part_file, past_name
 from pocketvlm.manifest import read_manifest
 from pocketvlm.prompt import Encoded, Processor
@@ -24,7 +24,9 @@ from .base import Backend, Prefilled, real_tiles, tile_batches
 
 class ONNXBackend(Backend):
     name = "onnx"
-    vision_batch = 1  # 13 tiles peak at 1.2 GB (before arena shrinkage: 1.5, 2.8 at 4 per call, 5.3 at 13)
+    # each extra tile per call adds its activations to the peak (~320-440 MB at 500M: docs/BENCH.md "Vision tiles
+    # per call"); at one, int8 at 13 tiles peaks at 888 MB
+    vision_batch = 1
     # The prompt goes through the decoder this many tokens per call. In one call an 877-token prompt (13 tiles) made
     # logits for every position (173 MB at 500M) and every layer's scores over the whole prompt, and the decoder's
     # arena kept that high-water mark for the session. Measured at the 500M shape, 2 threads, 4 requests: 13 tiles
@@ -125,21 +127,15 @@ class ONNXBackend(Backend):
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return {name: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype) for name in self.past_inputs}
 
-    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One decoder call: logits [batch, seq, vocab] and the grown KV cache."""
-        outputs = self.decoder.run(None, {"inputs_embeds": embeds, "attention_mask": attention_mask,
-                                          "position_ids": position_ids, **past})
-        return outputs[0], {past_name(n): v for n, v in zip(self.output_names[1:], outputs[1:])}
-
     def step(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: dict, run_options=None) -> tuple[np.ndarray, dict]:
-        """forward() for the prefill and decode loop, through an IO binding: onnxruntime reads the inputs and the
-        KV cache from our numpy arrays and writes the logits and the grown cache into new ones of ours, with no copy
-        either way (a copy of the cache each step is ~300 MB per token at the 2.2B shape with a long image prompt).
-        Outputs onnxruntime allocated itself would live in the decoder's arena, pinning its regions: the cache
-        kept the prompt's high-water mark for the whole session. 500M shape, q4, 13 tiles, 4 requests: peak RSS
-        1087 -> 837 MB with the vision features bound the same way, decode speed unchanged."""
+        """One decoder call -- logits [batch, seq, vocab] and the grown KV cache -- through an IO binding:
+        onnxruntime reads the inputs and the cache from our numpy arrays and writes the logits and the grown cache
+        into new ones of ours, with no copy either way (a copy of the cache each step is ~300 MB per token at the
+        2.2B shape with a long image prompt). Outputs onnxruntime allocated itself would live in the decoder's
+        arena, pinning its regions: the cache kept the prompt's high-water mark for the whole session. 500M shape,
+        q4, 13 tiles, 4 requests: peak RSS 1087 -> 837 MB with the vision features bound the same way, decode speed
+        unchanged."""
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
         binding.bind_cpu_input("attention_mask", attention_mask)
@@ -212,8 +208,7 @@ def _run(session, binding, run_options, root: Path) -> None:
 
 def _one_line(e: Exception, limit: int = 200) -> str:
     """onnxruntime's message without its "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :" prefix, on one line."""
-    reason = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", " ".join(str(e).split()))
-    return reason if len(reason) <= limit else reason[:limit] + "..."
+    return one_line(re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", one_line(e)), limit)
 
 
 def vision_weights(manifest: dict, quant: str) -> str:

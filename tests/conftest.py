@@ -72,6 +72,21 @@ def hf_model(tiny_model):
     return SmolVLMForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
+def reference_image_features(model, pixel_values, pixel_attention_mask):
+    """transformers' image features (vision tower + connector) for [1, tiles, 3, H, W] pixels, the all-zero padding
+    tiles dropped as transformers drops them: a float32 [tiles * image_seq_len, hidden] array, what every export's
+    vision part must reproduce."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.get_image_features(pixel_values=torch.as_tensor(pixel_values),
+                                       pixel_attention_mask=torch.as_tensor(pixel_attention_mask), return_dict=True)
+    features = out.pooler_output
+    if isinstance(features, (list, tuple)):
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    return features.reshape(-1, features.shape[-1]).float().numpy()
+
+
 # ---------------------------------------------------------------------------------------------- media
 
 def draw_image(width=200, height=150, mode="RGB", seed=0):

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, draw_image, load_json, run_cli
+from conftest import assert_user_error, draw_image, load_json, reference_image_features, run_cli
 
 pytest.importorskip("coremltools", reason="coremltools is not installed (pip install 'pocketvlm[coreml]')")
 
@@ -65,14 +65,9 @@ def test_vision_wrapper_reproduces_transformers_features_for_a_multi_tile_image(
     enc = Processor(tiny_model).encode(Request("What is it?", images=[draw_image(200, 150)]))
     assert enc.pixel_values.shape[1] == 5  # a 2x2 grid + the global view
     with torch.no_grad():
-        ours = vision(torch.from_numpy(enc.pixel_values[0]))
-        theirs = hf.model.get_image_features(pixel_values=torch.from_numpy(enc.pixel_values),
-                                             pixel_attention_mask=torch.from_numpy(enc.pixel_attention_mask),
-                                             return_dict=True).pooler_output
-    theirs = torch.cat([t.reshape(-1, t.shape[-1]) for t in theirs]) if isinstance(theirs, (list, tuple)) \
-        else theirs
-    theirs = theirs.reshape(ours.shape)
-    assert float((ours - theirs).abs().max()) <= 1e-5
+        ours = vision(torch.from_numpy(enc.pixel_values[0])).numpy()
+    theirs = reference_image_features(hf.model, enc.pixel_values, enc.pixel_attention_mask).reshape(ours.shape)
+    assert float(np.abs(ours - theirs).max()) <= 1e-5
 
 
 def wrapper_generate(wrapped, processor, request, max_tokens):

@@ -20,7 +20,8 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'pocketvlm[gguf]')")
 
-from conftest import assert_user_error, draw_image, load_json, run_cli, write_video  # noqa: E402
+from conftest import (assert_user_error, draw_image, load_json, reference_image_features, run_cli,  # noqa: E402
+                      write_video)
 
 from pocketvlm.errors import PocketVLMError  # noqa: E402
 from pocketvlm.manifest import read_manifest, write_manifest  # noqa: E402
@@ -229,17 +230,12 @@ def test_llama_cpp_is_fed_the_reference_prompt_token_by_token(gguf, reference, t
 
 
 def test_each_image_run_gets_the_embeddings_of_its_own_tile(gguf, reference):
-    import torch
 
     enc = reference.processor.encode(Request(QUESTION, images=[draw_image(300, 200)]))
     assert enc.pixel_values.shape[1] == 5  # 2x2 tiles + the global image on the tiny model
     ours = np.stack([gguf._encode_tile(gguf._tile_pixels(t, m))
                      for t, m in zip(enc.pixel_values[0], enc.pixel_attention_mask[0])])
-    with torch.inference_mode():
-        out = reference.model.get_image_features(pixel_values=torch.from_numpy(enc.pixel_values),
-                                                 pixel_attention_mask=torch.from_numpy(enc.pixel_attention_mask),
-                                                 return_dict=True)
-    ref = torch.cat(list(out.pooler_output)).float().numpy().reshape(ours.shape)
+    ref = reference_image_features(reference.model, enc.pixel_values, enc.pixel_attention_mask).reshape(ours.shape)
     scale = np.abs(ref).max()
     for i in range(len(ours)):
         distances = [np.abs(ours[i] - ref[j]).max() for j in range(len(ref))]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, draw_image, load_json, run_cli
+from conftest import assert_user_error, draw_image, load_json, reference_image_features, run_cli
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'pocketvlm[onnx]')")
 pytest.importorskip("onnx", reason="onnx is not installed (pip install 'pocketvlm[onnx]')")
@@ -179,7 +179,6 @@ def test_vision_encoder_masks_padded_patches_as_the_reference_does(backends, ref
     mask (no NaN guard in the graph) masks the same patches. Not the same when the mask is ignored: the padded
     tile's features then differ."""
     import onnx
-    import torch
 
     graph = onnx.load(str(onnx_exports["fp32"] / part_file("fp32", "vision_encoder")), load_external_data=False).graph
     assert "IsNaN" not in {n.op_type for n in graph.node}  # sdpa's guard over every layer's scores is not traced
@@ -191,10 +190,7 @@ def test_vision_encoder_masks_padded_patches_as_the_reference_does(backends, ref
     pixels[0, 1, :, side // 2:] = 0
     ours = backend.vision.run(None, {"pixel_values": pixels, "pixel_attention_mask": mask})[0]
     unmasked = backend.vision.run(None, {"pixel_values": pixels, "pixel_attention_mask": np.ones_like(mask)})[0]
-    with torch.inference_mode():
-        out = reference.model.get_image_features(pixel_values=torch.from_numpy(pixels),
-                                                 pixel_attention_mask=torch.from_numpy(mask), return_dict=True)
-    ref = torch.cat(list(out.pooler_output)).float().numpy().reshape(ours.shape)
+    ref = reference_image_features(reference.model, pixels, mask).reshape(ours.shape)
     scale = np.abs(ref).max()
     assert np.abs(ours - ref).max() < 1e-4 * scale
     assert np.abs(unmasked[1] - ref[1]).max() > 1e-2 * scale  # the mask matters for the padded tile

@@ -134,3 +134,17 @@ def test_every_format_is_declared_once_and_complete():
         for pattern in ('"q4_k_m")', '"fp32", "fp16", "int8", "q4"', '"fp16", "int8", "int4"', 'BACKENDS = {',
                         'QUANTS = (', 'RUNS_ONLY_ON'):
             assert pattern not in text, (name, pattern)
+
+
+def test_error_messages_are_made_one_line_in_one_place():
+    """Every user error is one line: modules pass exceptions through errors.one_line, which collapses newlines and
+    cuts long engine messages, instead of each re-implementing (and drifting from) it."""
+    from pocketvlm.errors import one_line
+
+    assert one_line(ValueError("bad\n  shape\t(3,)")) == "bad shape (3,)"
+    assert one_line(RuntimeError()) == "RuntimeError"  # never an empty reason
+    assert one_line(OSError("x" * 50), 10) == "x" * 10 + "..."
+    assert one_line("short", 10) == "short"
+    for name, path in modules().items():
+        if name != "pocketvlm.errors":
+            assert "join(str(e).split())" not in path.read_text(), name

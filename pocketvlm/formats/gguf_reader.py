@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketvlm.errors import ArtifactError
+from pocketvlm.errors import ArtifactError, one_line
 
 MAX_ARRAY_KEPT = 64  # longer metadata arrays (vocabularies) are not kept, only their length
 
@@ -145,8 +145,7 @@ def read_gguf(path: Path, what: str | None = None) -> GGUFInfo:
         raise ArtifactError(f"{label}: corrupt GGUF file ({e}); re-export the artifact") from e
     except (ValueError, KeyError, IndexError, OverflowError, TypeError, UnicodeDecodeError) as e:
         # gguf-py's own refusals: bad version, bad alignment type, duplicate keys, unknown value types, ...
-        reason = " ".join(str(e).split())[:160] or e.__class__.__name__
-        raise ArtifactError(f"{label}: corrupt GGUF file ({reason}); re-export the artifact") from e
+        raise ArtifactError(f"{label}: corrupt GGUF file ({one_line(e, 160)}); re-export the artifact") from e
     return _info(reader, path, size)
 
 
