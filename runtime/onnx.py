@@ -61,7 +61,7 @@ class ONNXBackend(Backend):
         # its own. Calls that make them give the arena's free regions back when they return (decode steps, small and
         # many, keep theirs). Measured at the 500M shape, int8, 1 thread: 13 tiles peak 1421 -> 1191 MB, one tile
         # 885 -> 852 MB, no slower (docs/BENCH.md "Vision tiles per call"). A region still holding an output cannot
-        # be given back, so every call writes its outputs into numpy arrays of ours (bound_outputs) instead.
+        # be given back, so every call writes its outputs into numpy arrays of ours (_bind_output) instead.
         self.release_arena = ort.RunOptions()
         self.release_arena.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         start = time.perf_counter()
@@ -110,8 +110,8 @@ class ONNXBackend(Backend):
             binding = self.vision.io_binding()
             binding.bind_cpu_input("pixel_values", np.ascontiguousarray(tiles[batch][None], dtype=np.float32))
             binding.bind_cpu_input("pixel_attention_mask", np.ascontiguousarray(masks[batch][None], dtype=bool))
-            bind_output(binding, name, features[batch])
-            _run(self.vision, binding, self.release_arena, self.path)
+            _bind_output(binding, name, features[batch])
+            self.vision.run_with_iobinding(binding, self.release_arena)
         return features.astype(np.float32, copy=False)
 
     def merge(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray) -> np.ndarray:
@@ -144,11 +144,11 @@ class ONNXBackend(Backend):
             binding.bind_cpu_input(name, value)
         batch, seq, total = embeds.shape[0], embeds.shape[1], attention_mask.shape[1]
         name, (vocab,), dtype = self.logits_spec
-        logits = bind_output(binding, name, np.empty((batch, seq, vocab), dtype))
-        grown = {past_name(name): bind_output(binding, name, np.empty((batch, self.kv_heads, total, self.head_dim),
-                                                                       self.kv_dtype))
+        logits = _bind_output(binding, name, np.empty((batch, seq, vocab), dtype))
+        cache_shape = (batch, self.kv_heads, total, self.head_dim)
+        grown = {past_name(name): _bind_output(binding, name, np.empty(cache_shape, self.kv_dtype))
                  for name in self.output_names[1:]}
-        _run(self.decoder, binding, run_options, self.path)
+        self.decoder.run_with_iobinding(binding, run_options)
         return logits, grown
 
     # ------------------------------------------------------------------------------------------- decoding
@@ -191,19 +191,10 @@ def _static_output(session, name: str, root: Path, dynamic: int) -> tuple[str, t
     return name, tail, _NUMPY_TYPES[output.type]
 
 
-def bind_output(binding, name: str, array: np.ndarray) -> np.ndarray:
+def _bind_output(binding, name: str, array: np.ndarray) -> np.ndarray:
     """Have onnxruntime write output `name` into `array` (C-contiguous, of the output's exact shape and type)."""
     binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
     return array
-
-
-def _run(session, binding, run_options, root: Path) -> None:
-    """run_with_iobinding; an output whose shape is not the one bound (an artifact whose graphs do not match each
-    other or its processor) as one line."""
-    try:
-        session.run_with_iobinding(binding, run_options)
-    except Exception as e:  # onnxruntime raises its own RuntimeException / Fail types
-        raise ArtifactError(f"{root}: onnxruntime failed running the artifact ({_one_line(e)}); re-export it") from e
 
 
 def _one_line(e: Exception, limit: int = 200) -> str:
