@@ -64,8 +64,7 @@ class MLXBackend(Backend):
             mx.eval(self.model.parameters())
         except Exception as e:  # mlx-vlm raises ValueError/RuntimeError/OSError/KeyError for broken folders
             raise ArtifactError(f"{self.path}: mlx-vlm cannot load this folder ({e.__class__.__name__}: "
-                                f"{one_line(e, 200)}); "
-                                f"re-export it") from e
+                                f"{one_line(e, 200)}); re-export it") from e
         self.adapter = Path(adapter) if adapter is not None else None
         self.load_s = time.perf_counter() - start
 

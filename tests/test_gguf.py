@@ -230,7 +230,6 @@ def test_llama_cpp_is_fed_the_reference_prompt_token_by_token(gguf, reference, t
 
 
 def test_each_image_run_gets_the_embeddings_of_its_own_tile(gguf, reference):
-
     enc = reference.processor.encode(Request(QUESTION, images=[draw_image(300, 200)]))
     assert enc.pixel_values.shape[1] == 5  # 2x2 tiles + the global image on the tiny model
     ours = np.stack([gguf._encode_tile(gguf._tile_pixels(t, m))
