@@ -14,7 +14,7 @@ from pocketvlm.errors import PocketVLMError
 
 from . import cloud as cloud_api
 from . import costs, edge, report
-from .device import describe_device
+from .device import describe_device, memory_bandwidth_gbs
 
 DEFAULT_QUESTION = "Describe this image."
 
@@ -162,6 +162,9 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
                    disable=not progress, file=sys.stderr)
         for artifact, size in [(a, s) for a in artifacts for s in sizes]:
             bar.set_description(f"edge {Path(artifact).name}" + (f" @{size}px" if size else ""))
+            # measured again beside each variant: on a shared machine the bandwidth swings by a sixth from one
+            # minute to the next (32-38 GB/s on the 2-core EPYC), and the roofline divides by it
+            bandwidth = memory_bandwidth_gbs() if device["memory_bandwidth_gbs"] else None
             got = edge.measure(Path(artifact), images=images, question=question, runs=runs, warmup=warmup,
                                max_tokens=max_tokens, threads=threads, image_size=size, on_run=lambda _: bar.update())
             variant = got["variant"]
@@ -171,8 +174,9 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
                 base += f"@{size}"
             taken = {v["id"] for v in results["variants"]}
             variant["id"] = base if base not in taken else f"{base}-{len(taken)}"
-            if variant.get("decode_weight_bytes") and device["memory_bandwidth_gbs"]:
-                variant["roofline_tok_s"] = device["memory_bandwidth_gbs"] * 1e9 / variant["decode_weight_bytes"]
+            if variant.get("decode_weight_bytes") and bandwidth:
+                variant["memory_bandwidth_gbs"] = round(bandwidth, 2)
+                variant["roofline_tok_s"] = bandwidth * 1e9 / variant["decode_weight_bytes"]
             results["variants"].append(variant)
             results["records"] += [{"device": device["id"], "variant": variant["id"], "backend": variant.get("backend"),
                                     "quant": variant.get("quant"), "measured": True, **r} for r in got["runs"]]

@@ -179,6 +179,12 @@ def _tiles(row) -> int | None:
     return round(row["image_tiles"]["median"]) if row.get("image_tiles") else None
 
 
+def _bandwidth_range(results: dict) -> str:
+    """The spread of the bandwidth measured beside each variant (each row's roofline divides by its own)."""
+    seen = [v["memory_bandwidth_gbs"] for v in results["variants"] if v.get("memory_bandwidth_gbs")]
+    return f" (beside each row: {min(seen):.1f}-{max(seen):.1f})" if seen else ""
+
+
 def _median(row, key):
     return row[key]["median"] if row.get(key) else None
 
@@ -272,7 +278,8 @@ def tables(run_info: dict, command: str) -> str:
     s = results["settings"]
     lines = [f"Device: {device.get('cpu', '?')}, {device.get('cores', '?')} cores, "
              f"{(device.get('ram_bytes') or 0) / 2**30:.0f} GiB, {device.get('os', '?')}, "
-             f"{_f(device.get('memory_bandwidth_gbs'), '.1f')} GB/s measured memory bandwidth; {engines}.",
+             f"{_f(device.get('memory_bandwidth_gbs'), '.1f')} GB/s measured memory bandwidth"
+             f"{_bandwidth_range(results)}; {engines}.",
              f"Model: random weights at the {run_info['preset']} shape (make-model, seed 0); image "
              f"`{run_info['image']}`; “{s['question']}”; {s['runs']} run{'s' * (s['runs'] != 1)} after "
              f"{s['warmup']} warm-up, "
@@ -311,8 +318,8 @@ def tables(run_info: dict, command: str) -> str:
         lines.append(f"| {target} | {measured} | {verdict} |")
     lines += ["", "Agreement: share of generated token positions equal to the reference's at the same budget "
                   "(random weights: near-ties everywhere, so low agreement is expected of any quant here; "
-                  "`pocketvlm check` on a trained model is the fidelity measure). Roofline: memory bandwidth ÷ "
-                  "weight bytes read per decoded token."]
+                  "`pocketvlm check` on a trained model is the fidelity measure). Roofline: memory bandwidth "
+                  "(measured just before the row ran) ÷ weight bytes read per decoded token."]
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,9 @@ are still read and merged):
   devices:  [{id, cpu, cores, ram_bytes, os, machine, accelerator, engines{}, memory_bandwidth_gbs}]
   settings: {question, images[], runs, warmup, max_tokens}
   variants: [{id, device, artifact, backend, quant, size_bytes, load_s, peak_rss_bytes, decode_weight_bytes,
-              roofline_tok_s, describe{}, error?}]                    one per artifact per device
+              memory_bandwidth_gbs, roofline_tok_s, describe{}, error?}]   one per artifact per device;
+            memory_bandwidth_gbs: measured just before the variant ran (the roofline's divisor; absent in older
+            files, whose roofline used the device's one figure)
   records:  [{device, variant, backend, quant, image, run, encode_s, ttft_s, prefill_tok_s, decode_tok_s, e2e_s,
               prompt_tokens, generated_tokens, measured: true}]      one per variant x image x run
   cloud:    [{provider, name, model, measured, skipped?, error?, notes[], about?,

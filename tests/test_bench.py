@@ -59,7 +59,10 @@ def test_results_json_has_every_run_and_the_device(bench_run):
         assert r["device"] == device["id"] and r["measured"] is True
     for v in results["variants"]:
         assert v["peak_rss_bytes"] > 0 and v["size_bytes"] > 0 and v["load_s"] > 0
-        assert 0 < v["roofline_tok_s"]
+        # the roofline divides the bandwidth measured beside this variant by the bytes one decode step reads
+        assert v["memory_bandwidth_gbs"] > 0
+        assert v["roofline_tok_s"] == pytest.approx(v["memory_bandwidth_gbs"] * 1e9 / v["decode_weight_bytes"],
+                                                    rel=1e-3)
         assert v["open_s"] >= v["load_s"]  # opening = the manifest's hash check + the engine's load
     from pocketvlm.bench_device.report import summarize
 
