@@ -29,9 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pocketvlm.errors import EXIT_USER_ERROR, PocketVLMError
+from pocketvlm.errors import EXIT_USER_ERROR, PocketVLMError, one_line
 
 from .image_budget import ROOFLINE_MIN, WIDTH
+
 
 def decode_quants() -> list[str]:
     """The ONNX export's 8-bit and 4-bit quants, the ones issue 17's roofline targets are for."""
@@ -234,7 +235,12 @@ def main(argv=None) -> int:
         for flag, folder in (("--work", args.work), ("--json", args.json and args.json.parent)):
             if folder is not None and not folder.is_dir():
                 raise PocketVLMError(f"{flag} {folder}: not a folder")
-        result = ceilings(args.preset, args.threads, args.runs, args.work)
+        try:
+            result = ceilings(args.preset, args.threads, args.runs, args.work)
+        except (OSError, MemoryError) as e:  # the graphs are ~1.5 GB at 500m: a full disk or a small machine
+            where = args.work or tempfile.gettempdir()
+            raise PocketVLMError(f"could not build or run the weight-matmul graphs in {where} "
+                                 f"({one_line(e, 200)}); free space or memory, or pass --work") from e
     except PocketVLMError as e:
         print(f"pocketvlm: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

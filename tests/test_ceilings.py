@@ -78,3 +78,21 @@ def test_it_runs_end_to_end_and_writes_its_figures(tmp_path):
 ])
 def test_bad_input_is_one_line_before_any_work(args, fragment):
     assert_user_error(run_ceilings(*args), fragment)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(monkeypatch, tmp_path, capsys):
+    """The graphs are ~1.5 GB at 500m: a disk that fills while one is written is a one-line error, no traceback,
+    and the half-written graph goes with its temporary folder."""
+    real = ceilings.weight_matmul_graph
+
+    def fills_the_disk(p, path):
+        real(p, path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ceilings, "weight_matmul_graph", fills_the_disk)
+    out = tmp_path / "ceilings.json"
+    assert ceilings.main(["--preset", "tiny", "--runs", "1", "--work", str(tmp_path), "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pocketvlm: error: could not build or run the weight-matmul graphs in") and "\n" not in err
+    assert "No space left on device" in err and "--work" in err
+    assert list(tmp_path.iterdir()) == []
