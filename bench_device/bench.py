@@ -162,8 +162,8 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
                    disable=not progress, file=sys.stderr)
         for artifact, size in [(a, s) for a in artifacts for s in sizes]:
             bar.set_description(f"edge {Path(artifact).name}" + (f" @{size}px" if size else ""))
-            # measured again beside each variant: on a shared machine the bandwidth swings by a sixth from one
-            # minute to the next (32-38 GB/s on the 2-core EPYC), and the roofline divides by it
+            # measured again beside each variant: on a shared machine the bandwidth swings from one minute to the
+            # next (25-39 GB/s within one image_budget run on the 2-core EPYC), and the roofline divides by it
             bandwidth = memory_bandwidth_gbs() if device["memory_bandwidth_gbs"] else None
             got = edge.measure(Path(artifact), images=images, question=question, runs=runs, warmup=warmup,
                                max_tokens=max_tokens, threads=threads, image_size=size, on_run=lambda _: bar.update())

@@ -53,22 +53,22 @@ def vocab_size(p: dict) -> int:
     return math.ceil(int(layout["bpe_vocab"]) / pad) * pad
 
 
+def gemm_shape(p: dict) -> tuple[int, int, int]:
+    """The vision encoder's MLP up-projection: [patches, hidden] x [hidden, inner]."""
+    v = p["vision"]
+    return (v["image_size"] // v["patch_size"]) ** 2, v["hidden_size"], v["intermediate_size"]
+
+
 def vision_flops_per_tile(p: dict) -> float:
     """Multiply-adds x 2 of one tile through the vision encoder and the connector."""
     v, hidden_text = p["vision"], p["text"]["hidden_size"]
-    h, inner, layers = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
-    patches = (v["image_size"] // v["patch_size"]) ** 2
+    patches, h, inner = gemm_shape(p)
+    layers = v["num_hidden_layers"]
     linear = patches * layers * (4 * h * h + 2 * h * inner)
     attention = layers * 2 * patches * patches * h  # scores and their weighted sum
     patch_embed = patches * 3 * v["patch_size"] ** 2 * h
     connector = patches * h * hidden_text  # pixel shuffle keeps the elements, the projection maps them
     return 2.0 * (linear + attention + patch_embed + connector)
-
-
-def gemm_shape(p: dict) -> tuple[int, int, int]:
-    """The vision encoder's MLP up-projection: [patches, hidden] x [hidden, inner]."""
-    v = p["vision"]
-    return (v["image_size"] // v["patch_size"]) ** 2, v["hidden_size"], v["intermediate_size"]
 
 
 def best_gemm_seconds(multiply, runs: int) -> float:
@@ -186,7 +186,6 @@ def ceilings(preset_name: str, threads: int, runs: int, work: Path | None = None
 
     p = preset(preset_name)
     device = describe_device()
-    bandwidth = device["memory_bandwidth_gbs"]
     flops, rates = vision_flops_per_tile(p), f32_gemm_flops(p, threads, runs)
     gemm = max(rates.values())
     vision = {"gflop_per_tile": flops / 1e9, "f32_gemm_gflops": gemm / 1e9, "f32_s_per_tile": flops / gemm,
@@ -197,14 +196,14 @@ def ceilings(preset_name: str, threads: int, runs: int, work: Path | None = None
         decode = [decode_ceiling(src, q, threads, runs, Path(tmp)) for q in decode_quants()]
     for row in decode:
         row["target"] = ROOFLINE_MIN[WIDTH[row["quant"]]]
-    return {"preset": preset_name, "threads": threads, "runs": runs, "device": device,
-            "memory_bandwidth_gbs": bandwidth, "vision": vision, "decode": decode}
+    return {"preset": preset_name, "threads": threads, "runs": runs, "device": device, "vision": vision,
+            "decode": decode}
 
 
 def table(result: dict) -> str:
     v = result["vision"]
     lines = [f"Preset {result['preset']}, {result['threads']} threads, {result['device']['cpu']}, "
-             f"{result['memory_bandwidth_gbs']:.1f} GB/s measured memory bandwidth.", "",
+             f"{result['device']['memory_bandwidth_gbs']:.1f} GB/s measured memory bandwidth.", "",
              "| vision encoder, one tile | GFLOP | f32 GEMM GFLOP/s | s/tile at that rate |", "|---|---|---|---|",
              f"| {result['preset']} | {v['gflop_per_tile']:.3g} | {v['f32_gemm_gflops']:.0f} | "
              f"{v['f32_s_per_tile']:.3g} |", "",
