@@ -74,7 +74,10 @@ def env_key() -> str:
 def env_root() -> Path:
     given = os.environ.get("POCKETVLM_ENV_ROOT")
     if given:
-        return Path(given).expanduser()
+        try:
+            return Path(given).expanduser()
+        except RuntimeError:  # ~user of a user this system does not know
+            raise SetupError(f"POCKETVLM_ENV_ROOT={given}: no such user's home folder; give a folder path") from None
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "pocketvlm"
 
@@ -263,8 +266,13 @@ class Pip:
 def _lock(env: Path, *, wait: bool = True):
     """One setup per environment at a time (two checkouts may share one). With wait=False: None when another
     setup holds it."""
-    env.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(env.parent / f"{env.name}.lock", "w")
+    try:
+        env.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(env.parent / f"{env.name}.lock", "w")
+    except OSError as e:
+        where = "POCKETVLM_ENV_ROOT" if os.environ.get("POCKETVLM_ENV_ROOT") else "the cache folder"
+        raise SetupError(f"{where} {env.parent} cannot hold the environment ({e.strerror or e}); point "
+                         f"POCKETVLM_ENV_ROOT at a folder you can write") from None
     try:
         import fcntl
 

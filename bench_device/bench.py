@@ -130,7 +130,7 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
           kwh_price: float | None = None, device_cost: float | None = None, amortize_months: int = 24,
           out: Path | None = None, with_plots: bool = True, device_label: str | None = None,
           threads: int | None = None, progress: bool = True, cloud_options: dict | None = None,
-          today: dt.date | None = None, image_sizes: list[int] | None = None) -> dict:
+          today: dt.date | None = None, image_sizes: list[int] | None = None, force: bool = False) -> dict:
     """Measure every artifact, then the cloud leg (`cloud`: a provider name from the price data, "default" for
     the data's default, None for no cloud leg); `today` (default: the run's date) decides what is retired.
     image_sizes: the image budgets to measure each artifact at (a sweep: one worker per artifact and size, each
@@ -142,6 +142,9 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
     for a in artifacts:
         if not Path(a).exists():
             raise PocketVLMError(f"{a}: no such artifact or model folder")
+    inputs = [*artifacts, *([images_dir] if images_dir else []), *([providers_file] if providers_file else [])]
+    if out:
+        report.check_out(out, force=force, inputs=inputs)
     from pocketvlm.prompt import check_image_size
 
     sizes = [check_image_size(s) for s in image_sizes] if image_sizes else [None]
@@ -200,7 +203,7 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
                                          "error": f"internal error ({e.__class__.__name__}); a pocketvlm bug"})
                 results["costs"] = cost_table(results, power_w, kwh_price, device_cost, amortize_months)
                 if out:
-                    report.write(results, Path(out), with_plots=False)
+                    report.write(results, Path(out), with_plots=False, force=force, inputs=inputs)
                 if cloud_api.Secret(key).leaks("".join(traceback.format_exception(e))):
                     raise RuntimeError(f"the cloud leg failed ({e.__class__.__name__}); its message contained the "
                                        f"API key and is not shown") from None
@@ -214,7 +217,7 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
     agreement(results)
     results["costs"] = cost_table(results, power_w, kwh_price, device_cost, amortize_months)
     if out:
-        report.write(results, Path(out), with_plots=with_plots)
+        report.write(results, Path(out), with_plots=with_plots, force=force, inputs=inputs)
     return results
 
 

@@ -167,7 +167,7 @@ def run(work: Path, *, preset: str, variants: list[tuple[str, str]], image: Path
     shutil.copy(image, images / image.name)
     results = bench([str(model), *(str(a) for _, a in artifacts)], images_dir=images, runs=runs, warmup=warmup,
                     max_tokens=max_tokens, threads=threads, cloud=None, out=work / "bench", progress=progress,
-                    image_sizes=sizes)
+                    image_sizes=sizes, force=True)  # WORK is this study's own: its bench folder is an earlier run's
     return {"preset": preset, "model": str(model), "image": image.name, "sizes": sizes, "threads": threads,
             "default_size": config.longest_edge, "exports": exports, "results": results,
             "load_before": load_before, "load_after": memory.load(), "wall_s": time.time() - started}

@@ -31,10 +31,14 @@ Devices that cannot run Python can produce the same file (only the fields they h
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
+from pocketvlm.artifact import base_tools
 from pocketvlm.errors import PocketVLMError
+from pocketvlm.jsonfile import dumps
+from pocketvlm.manifest import atomic_output, check_output, write_manifest
 
 SCHEMA = "pocketvlm.bench/2"
 READS = ("pocketvlm.bench/1", SCHEMA)
@@ -70,19 +74,105 @@ def summarize(results: dict) -> list[dict]:
     return rows
 
 
+# The shape of a results file as `bench report` reads it (files come from other devices and other tools, so every
+# field the report uses is checked before it is used): a type, a tuple of types, [shape] for a list of it, or
+# {key: shape} for an object ("key?" optional; keys not named are kept unread). Numbers are finite.
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_STR = (str, type(None))
+_STAT_FIELDS = {m + "?": _OPT_NUM for m in METRICS + ("prompt_tokens", "image_tiles")}
+RESULTS_SHAPE = {
+    "schema": str,
+    "created?": _OPT_STR,
+    "settings?": {"question?": _OPT_STR, "images?": [str], "runs?": _OPT_NUM, "warmup?": _OPT_NUM,
+                  "max_tokens?": _OPT_NUM, "image_sizes?": ([int], type(None))},
+    "devices?": [{"id": str, "cpu?": _OPT_STR, "cores?": _OPT_NUM, "ram_bytes?": _OPT_NUM, "os?": _OPT_STR,
+                  "accelerator?": _OPT_STR, "memory_bandwidth_gbs?": _OPT_NUM}],
+    "variants?": [{"id": str, "device": str, "backend?": _OPT_STR, "quant?": _OPT_STR, "size_bytes?": _OPT_NUM,
+                   "load_s?": _OPT_NUM, "open_s?": _OPT_NUM, "peak_rss_bytes?": _OPT_NUM,
+                   "roofline_tok_s?": _OPT_NUM, "error?": _OPT_STR, "describe?": ({"note?": _OPT_STR}, type(None)),
+                   "image_size?": _OPT_NUM, "agreement?": _OPT_NUM}],
+    "records?": [{"variant": str, "device": str, **_STAT_FIELDS}],
+    "cloud?": [{"name?": _OPT_STR, "model?": _OPT_STR, "notes?": [str], "error?": _OPT_STR, "skipped?": _OPT_STR,
+                "about?": _OPT_STR,
+                "price?": ({"input_per_m?": _OPT_NUM, "output_per_m?": _OPT_NUM, "date?": _OPT_STR,
+                            "source?": _OPT_STR}, type(None)),
+                "requested?": ({"model?": _OPT_STR, "status?": _OPT_STR}, type(None)),
+                "records?": [{"ttft_s?": _OPT_NUM, "e2e_s?": _OPT_NUM, "output_tok_s?": _OPT_NUM,
+                              "cost_usd?": _OPT_NUM}],
+                "estimate?": ({"prompt_tokens": _NUM, "completion_tokens": _NUM, "cost_usd": _NUM, "method": str},
+                              type(None)),
+                "prices?": [{"name": str, "model": str, "label": str, "input_per_m": _NUM, "output_per_m": _NUM,
+                             "date?": _OPT_STR, "source?": _OPT_STR, "basis?": _OPT_STR,
+                             "batch_factor?": _OPT_NUM, "batch_source?": _OPT_STR,
+                             "per_1k_usd": {"standard": _OPT_NUM, "batch?": _OPT_NUM}}]}],
+    "costs?": {"power_w?": _OPT_NUM, "kwh_price?": _OPT_NUM, "device_cost?": _OPT_NUM,
+               "amortize_months?": _OPT_NUM,
+               "rows?": [{"device": str, "variant": str, "edge_per_1k?": _OPT_NUM, "cloud_per_1k?": _OPT_NUM,
+                          "edge_per_query?": _OPT_NUM, "cloud_per_query?": _OPT_NUM,
+                          "cloud_cost_measured?": bool, "break_even_queries?": _OPT_NUM,
+                          "cloud?": [{"label?": _OPT_STR, "name?": _OPT_STR, "model?": _OPT_STR,
+                                      "per_1k_standard?": _OPT_NUM, "per_1k_batch?": _OPT_NUM,
+                                      "break_even_standard?": _OPT_NUM, "break_even_batch?": _OPT_NUM,
+                                      "break_even_per_month_standard?": _OPT_NUM,
+                                      "break_even_per_month_batch?": _OPT_NUM}]}]},
+}
+
+
+def shape_problem(value, shape, where: str = "") -> str | None:
+    """Where VALUE departs from SHAPE (see RESULTS_SHAPE), or None."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'the file'} is {type(value).__name__}, not an object"
+        for key, inner in shape.items():
+            name = key.rstrip("?")
+            if name not in value:
+                if not key.endswith("?"):
+                    return f"{where}.{name} is missing".lstrip(".")
+                continue
+            problem = shape_problem(value[name], inner, f"{where}.{name}".lstrip("."))
+            if problem:
+                return problem
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} is {type(value).__name__}, not a list"
+        return next((p for i, v in enumerate(value) if (p := shape_problem(v, shape[0], f"{where}[{i}]"))), None)
+    options = shape if isinstance(shape, tuple) else (shape,)
+    for option in options:
+        if isinstance(option, (dict, list)):
+            if shape_problem(value, option, where) is None:
+                return None
+        elif isinstance(value, option) and not (isinstance(value, bool) and option is not bool):
+            return None
+    return f"{where} is {json.dumps(value)[:40] if isinstance(value, (str, int, float)) else type(value).__name__}" \
+           f", not {' or '.join(o.__name__ if isinstance(o, type) else type(o).__name__ for o in options)}"
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def load(paths: list[Path]) -> dict:
-    """Read and merge results files (devices, variants, records and cloud legs concatenated)."""
+    """Read and merge results files (devices, variants, records and cloud legs concatenated). Each file is checked
+    against RESULTS_SHAPE first: a malformed file is one line naming the field, before anything is written."""
     merged = {"schema": SCHEMA, "devices": [], "variants": [], "records": [], "cloud": [], "settings": {},
               "costs": {"rows": []}}
     for path in paths:
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).read_text(), parse_constant=_refuse_constant)
         except FileNotFoundError as e:
             raise PocketVLMError(f"{path}: no such results file") from e
-        except (OSError, ValueError) as e:
-            raise PocketVLMError(f"{path}: unreadable results file ({e.__class__.__name__})") from e
+        except IsADirectoryError as e:
+            raise PocketVLMError(f"{path}: a folder, not a results file (give FOLDER/results.json)") from e
+        except (OSError, ValueError, RecursionError) as e:
+            why = str(e) if "JSON allows" in str(e) else e.__class__.__name__
+            raise PocketVLMError(f"{path}: unreadable results file ({why})") from e
         if not isinstance(data, dict) or data.get("schema") not in READS:
             raise PocketVLMError(f"{path}: not a pocketvlm bench results file (schema {SCHEMA})")
+        problem = shape_problem(data, RESULTS_SHAPE)
+        if problem:
+            raise PocketVLMError(f"{path}: malformed results file: {problem}")
         seen = {d["id"] for d in merged["devices"]}
         merged["devices"] += [d for d in data.get("devices", []) if d.get("id") not in seen]
         for key in ("variants", "records", "cloud"):
@@ -91,6 +181,20 @@ def load(paths: list[Path]) -> dict:
         merged["settings"] = merged["settings"] or data.get("settings", {})
         merged["created"] = data.get("created")
     return merged
+
+
+def md(text) -> str:
+    """TEXT as one Markdown table cell or line that shows as written: no table break (|), no new line, no HTML,
+    link, image, heading, emphasis or code span (each such character backslash-escaped), no control characters.
+    Model ids keep their - and _ unescaped: inside a line they format nothing."""
+    text = "".join(" " if (ord(c) < 32 or 127 <= ord(c) < 160) else c for c in str(text))
+    return re.sub(r"([\\`*|<>\[\]#!])", r"\\\1", text)
+
+
+def _code(text) -> str:
+    """TEXT as a code span, or as escaped text where a code span cannot hold it (a backtick or | inside)."""
+    text = str(text)
+    return md(text) if re.search(r"[`|\x00-\x1f\x7f-\x9f]", text) else f"`{text}`"
 
 
 def _fmt(value, spec=".2f", unit=""):
@@ -113,28 +217,28 @@ def markdown(results: dict) -> str:
     rows = summarize(results)
     s = results.get("settings", {})
     lines = ["# pocketvlm bench", ""]
-    lines += [f"Question: “{s.get('question', '')}” · images: {', '.join(s.get('images', []))} · "
+    lines += [f"Question: “{md(s.get('question') or '')}” · images: {md(', '.join(s.get('images', [])))} · "
               f"{s.get('runs')} runs after {s.get('warmup')} warm-up · {s.get('max_tokens')} generated tokens per run "
               f"(end of sequence ignored). Cells: median (min–max).", ""]
     lines += ["## Devices", "", "| id | CPU | cores | RAM | OS | accelerator | memory bandwidth |", "|---|---|---|---|---|---|---|"]
     for d in results["devices"]:
-        lines.append(f"| {d['id']} | {d.get('cpu', '–')} | {d.get('cores', '–')} | "
-                     f"{_fmt((d.get('ram_bytes') or 0) / 2**30 or None, '.0f', ' GiB')} | {d.get('os', '–')} | "
-                     f"{d.get('accelerator', '–')} | {_fmt(d.get('memory_bandwidth_gbs'), '.1f', ' GB/s')} |")
+        lines.append(f"| {md(d['id'])} | {md(d.get('cpu') or '–')} | {_fmt(d.get('cores'), 'g')} | "
+                     f"{_fmt((d.get('ram_bytes') or 0) / 2**30 or None, '.0f', ' GiB')} | {md(d.get('os') or '–')} | "
+                     f"{md(d.get('accelerator') or '–')} | {_fmt(d.get('memory_bandwidth_gbs'), '.1f', ' GB/s')} |")
     lines += ["", "## Edge (measured)", "",
               "| device | variant | size | load s | encode s | TTFT s | prefill tok/s | decode tok/s | "
               "of roofline | e2e s | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = set()
     for r in rows:
         if r["error"]:
-            lines.append(f"| {r['device']} | {r['variant']} | failed: {r['error']} |||||||||")
+            lines.append(f"| {md(r['device'])} | {md(r['variant'])} | failed: {md(r['error'])} |||||||||")
             continue
         frac = _fmt(r.get("roofline_fraction", None) and 100 * r["roofline_fraction"], ".1f", "%")
-        lines.append(f"| {r['device']} | {r['variant']} | {_mb(r['size_bytes'])} | {_fmt(r['load_s'])} | "
+        lines.append(f"| {md(r['device'])} | {md(r['variant'])} | {_mb(r['size_bytes'])} | {_fmt(r['load_s'])} | "
                      f"{_stat(r['encode_s'])} | {_stat(r['ttft_s'])} | {_stat(r['prefill_tok_s'], '.0f')} | "
                      f"{_stat(r['decode_tok_s'], '.1f')} | {frac} | {_stat(r['e2e_s'])} | {_mb(r['peak_rss_bytes'])} |")
         if r["note"]:
-            notes.add(f"{r['variant']}: {r['note']}")
+            notes.add(f"{md(r['variant'])}: {md(r['note'])}")
     lines += ["", "Load s: from open to ready, including the check of every file's sha256 against the manifest "
               "(POCKETVLM_VERIFY=sizes skips the hashing and does not notice changed bytes). "
               "Roofline: decode tok/s ÷ (memory bandwidth ÷ weight bytes read per token) — the physical ceiling "
@@ -149,7 +253,7 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for r in sorted((r for r in rows if not r["error"]), key=lambda r: (r["base"], r["image_size"] or 0)):
             agree = _fmt(r["agreement"] if r["agreement"] is None else 100 * r["agreement"], ".1f", "%")
-            lines.append(f"| {r['device']} | {r['base']} | {_fmt(r['image_size'], 'd', ' px')} | "
+            lines.append(f"| {md(r['device'])} | {md(r['base'])} | {_fmt(r['image_size'], 'g', ' px')} | "
                          f"{_stat(r['image_tiles'], '.0f')} | {_stat(r['prompt_tokens'], '.0f')} | "
                          f"{_stat(r['ttft_s'])} | {_mb(r['peak_rss_bytes'])} | {agree} |")
     lines += ["", "## Cloud", ""]
@@ -169,14 +273,15 @@ def _cloud_lines(c: dict) -> list[str]:
     price = c.get("price") or {}
     req = c.get("requested") or {}
     status = req.get("status") if req.get("model") == c.get("model") else None
-    lines = [f"**{c.get('name')}** (`{c.get('model')}`{f', {status}' if status and status != 'active' else ''}; "
+    lines = [f"**{md(c.get('name'))}** ({_code(c.get('model'))}"
+             f"{f', {md(status)}' if status and status != 'active' else ''}; "
              f"{_money(price.get('input_per_m'), '.2f')} in / {_money(price.get('output_per_m'), '.2f')} out per M "
-             f"tokens, as of {price.get('date') or 'unknown'}, {price.get('source')})"]
-    lines += [f"- {note}" for note in c.get("notes", [])]
+             f"tokens, as of {md(price.get('date') or 'unknown')}, {md(price.get('source'))})"]
+    lines += [f"- {md(note)}" for note in c.get("notes", [])]
     if c.get("error"):
-        lines.append(f"- request failed: {c['error']}")
+        lines.append(f"- request failed: {md(c['error'])}")
     if c.get("skipped"):
-        lines.append(f"- not measured: {c['skipped']}")
+        lines.append(f"- not measured: {md(c['skipped'])}")
     if c.get("records"):
         recs = c["records"]
         lines.append(f"- measured: TTFT {_stat(stats(r['ttft_s'] for r in recs))} s, total "
@@ -186,20 +291,22 @@ def _cloud_lines(c: dict) -> list[str]:
     if c.get("estimate"):
         e = c["estimate"]
         lines.append(f"- **estimated** (no measurement): ~{e['prompt_tokens']} input + {e['completion_tokens']} "
-                     f"output tokens → ${e['cost_usd']:.6f} per query ({e['method']})")
+                     f"output tokens → ${e['cost_usd']:.6f} per query ({md(e['method'])})")
     if c.get("prices"):
         lines += ["", "| price | in / out per M | as of | $/1k queries | $/1k batch | tokens | source |",
                   "|---|---|---|---|---|---|---|"]
         for p in c["prices"]:
             batch = (f"{_money(p['per_1k_usd'].get('batch'))} ({100 * (1 - p['batch_factor']):.0f}% off)"
                      if p.get("batch_factor") is not None else "no batch price")
-            lines.append(f"| {p['name']} (`{p['model']}`), {p['label']} | ${p['input_per_m']:.2f} / "
-                         f"${p['output_per_m']:.2f} | {p.get('date') or '–'} | {_money(p['per_1k_usd']['standard'])} "
-                         f"| {batch} | {p.get('basis', '–')} | {p.get('source')} |")
+            lines.append(f"| {md(p['name'])} ({_code(p['model'])}), {md(p['label'])} | ${p['input_per_m']:.2f} / "
+                         f"${p['output_per_m']:.2f} | {md(p.get('date') or '–')} | "
+                         f"{_money(p['per_1k_usd']['standard'])} | {batch} | {md(p.get('basis') or '–')} | "
+                         f"{md(p.get('source'))} |")
         sources = sorted({p["batch_source"] for p in c["prices"] if p.get("batch_source")})
-        lines += [f"\nBatch: the provider's batch API (asynchronous: no latency figure applies); {s}." for s in sources]
+        lines += [f"\nBatch: the provider's batch API (asynchronous: no latency figure applies); {md(s)}."
+                  for s in sources]
     if c.get("about"):
-        lines.append(f"\nNote: {c['about']}.")
+        lines.append(f"\nNote: {md(c['about'])}.")
     lines.append("")
     return lines
 
@@ -222,14 +329,15 @@ def _cost_lines(costs: dict) -> list[str]:
         return "–" if total is None else f"{total:,.0f}" + (f" ({per_month:,.0f}/month)" if per_month else "")
 
     for r in costs["rows"]:
-        figure = "measured" if r["cloud_cost_measured"] else "estimated"
-        per_price = r.get("cloud") or [{"label": "", "name": "cloud", "model": "", "per_1k_standard": r["cloud_per_1k"],
-                                        "per_1k_batch": None, "break_even_standard": r["break_even_queries"]}]
+        figure = "measured" if r.get("cloud_cost_measured") else "estimated"
+        per_price = r.get("cloud") or [{"label": "", "name": "cloud", "model": "",
+                                        "per_1k_standard": r.get("cloud_per_1k"), "per_1k_batch": None,
+                                        "break_even_standard": r.get("break_even_queries")}]
         for p in per_price:
-            name = f"{p['name']} (`{p['model']}`), {p['label']}" if p.get("model") else "cloud"
-            lines.append(f"| {r['device']} | {r['variant']} | {_fmt(r['edge_per_1k'], '.4f')} | {name} | "
-                         f"{_fmt(p['per_1k_standard'], '.4f')} | {_fmt(p.get('per_1k_batch'), '.4f')} | {figure} | "
-                         f"{even(p['break_even_standard'], p.get('break_even_per_month_standard'))} | "
+            name = f"{md(p.get('name'))} ({_code(p['model'])}), {md(p.get('label'))}" if p.get("model") else "cloud"
+            lines.append(f"| {md(r['device'])} | {md(r['variant'])} | {_fmt(r.get('edge_per_1k'), '.4f')} | {name} | "
+                         f"{_fmt(p.get('per_1k_standard'), '.4f')} | {_fmt(p.get('per_1k_batch'), '.4f')} | {figure} | "
+                         f"{even(p.get('break_even_standard'), p.get('break_even_per_month_standard'))} | "
                          f"{even(p.get('break_even_batch'), p.get('break_even_per_month_batch'))} |")
     lines.append("")
     return lines
@@ -321,21 +429,38 @@ def _budget_plot(rows: list[dict], out: Path, plt) -> Path:
     return path
 
 
-def write(results: dict, out: Path, *, with_plots: bool = True) -> list[Path]:
-    """results.json, report.md and the plots into OUT (created if needed)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PocketVLMError(f"{out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(results))
-    written = [out / "results.json", out / "report.md"]
-    if with_plots:
-        try:
-            written += plots(results, out)
-        except ModuleNotFoundError:
-            import sys
+def check_out(out: Path, *, force: bool, inputs=()) -> None:
+    """Before any work: OUT follows the rule every output follows (pocketvlm.manifest.check_output): new, empty,
+    or with --force an earlier pocketvlm output; never an input (a results file, an artifact, the images), a
+    folder holding one, or the working directory."""
+    check_output(Path(out), force=force, protect=tuple(Path(p) for p in inputs))
 
-            print("pocketvlm: note: matplotlib is not installed, no plots (pip install 'pocketvlm[bench]')",
-                  file=sys.stderr)
-    return written
+
+def write(results: dict, out: Path, *, with_plots: bool = True, force: bool = False, inputs=()) -> list[Path]:
+    """The bench's results.json, report.md and plots into OUT (see write_folder)."""
+    return write_folder(out, results, markdown(results), (lambda folder: plots(results, folder)) if with_plots
+                        else None, force=force, inputs=inputs)
+
+
+def write_folder(out: Path, results: dict, report_md: str, plot=None, *, force: bool = False, inputs=()) -> list[Path]:
+    """results.json, report.md and PLOT(folder)'s images into OUT, as every output is written: built beside OUT,
+    a manifest last, renamed into place (so a later --force knows it as ours, and a crash leaves nothing
+    half-written). No NaN or Infinity reaches results.json (JSON has neither). Returns the paths as they are in
+    OUT."""
+    out = Path(out)
+    with atomic_output(out, force=force, protect=tuple(Path(p) for p in inputs)) as scratch:
+        (scratch / "results.json").write_text(dumps(results) + "\n")
+        (scratch / "report.md").write_text(report_md)
+        names = ["results.json", "report.md"]
+        if plot is not None:
+            try:
+                made = plot(scratch)
+                names += [p.name for p in (made if isinstance(made, list) else [made]) if p is not None]
+            except ModuleNotFoundError:
+                import sys
+
+                print("pocketvlm: note: matplotlib is not installed, no plots (pip install 'pocketvlm[bench]')",
+                      file=sys.stderr)
+        write_manifest(scratch, format="report", quant="none",
+                       source={"id": str(results.get("schema")), "revision": None}, tools=base_tools())
+    return [out / name for name in names]

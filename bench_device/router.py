@@ -10,11 +10,12 @@ accuracy at least cost, how well each confidence statistic separates the device'
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from pocketvlm.errors import PocketVLMError
+
+from . import report
 
 DEFAULT_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
@@ -145,7 +146,8 @@ def plot(results: dict, out: Path) -> Path | None:
 
 def run(model: str, fallback, *, samples_file: Path | None = None, thresholds=DEFAULT_THRESHOLDS,
         target_accuracy: float | None = 0.95, max_tokens: int = 8, out: Path | None = None,
-        threads: int | None = None, image_size: int | None = None, progress: bool = True, ask=None) -> dict:
+        threads: int | None = None, image_size: int | None = None, progress: bool = True, ask=None,
+        force: bool = False) -> dict:
     from pocketvlm.evaluate import heldout_file, load_samples
     from pocketvlm.router import DEFAULT_STATISTIC
 
@@ -153,6 +155,9 @@ def run(model: str, fallback, *, samples_file: Path | None = None, thresholds=DE
     samples = load_samples(path)
     if not samples or any(s.answer is None for s in samples):
         raise PocketVLMError(f"{path}: the router sweep needs questions with expected answers ('answer')")
+    inputs = [model, path, *dict.fromkeys(p for s in samples for p in s.image_paths)]
+    if out:
+        report.check_out(out, force=force, inputs=inputs)
     rows = measure(model, fallback, samples, max_tokens=max_tokens, threads=threads, image_size=image_size,
                    progress=progress, ask=ask)
     results = {"schema": "pocketvlm.router/1", "model": str(model), "fallback": fallback.provider.model,
@@ -162,11 +167,8 @@ def run(model: str, fallback, *, samples_file: Path | None = None, thresholds=DE
                "sweep": sweep(rows, thresholds, DEFAULT_STATISTIC, target_accuracy),
                "separation": separation(rows), "rows": rows}
     if out:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "report.md").write_text(markdown(results))
-        plot(results, out)
+        report.write_folder(out, results, markdown(results), lambda folder: plot(results, folder), force=force,
+                            inputs=inputs)
     return results
 
 

@@ -13,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+from pocketvlm.jsonfile import dumps
+
 
 def _emit(**event):
-    print(json.dumps(event), flush=True)
+    print(dumps(event, indent=None), flush=True)
 
 
 def _peak_rss_bytes() -> int:

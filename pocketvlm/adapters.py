@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ArtifactError, PocketVLMError, SourceError, one_line
+from .manifest import SHA256
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -51,7 +52,7 @@ def is_peft_adapter(path: Path) -> bool:
 def read_peft_adapter(path: Path) -> PeftAdapter:
     """peft's adapter folder, checked: a LoRA adapter (not DoRA / rsLoRA / per-layer ranks, which the formats'
     adapter loaders do not reproduce), with A/B pairs of the declared rank for every module."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     try:
@@ -88,7 +89,7 @@ def read_peft_adapter(path: Path) -> PeftAdapter:
                 if (m["ab"] == "A" and shape[0] != rank) or (m["ab"] == "B" and shape[-1] != rank):
                     raise SourceError(f"{path / WEIGHTS}: {name} has shape {shape}, not rank {rank}")
                 pairs.setdefault(m["module"], set()).add(m["ab"])
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise SourceError(f"{path / WEIGHTS}: unreadable ({e.__class__.__name__}: {one_line(e, 120)})") from e
     incomplete = sorted(m for m, ab in pairs.items() if ab != {"A", "B"})
     if incomplete or not pairs:
@@ -112,15 +113,36 @@ def adapter_base(adapter: PeftAdapter) -> Path:
                       f"base_model_name_or_path)")
 
 
+def named_base_paths(adapter: PeftAdapter) -> list[Path]:
+    """The local folder of the base the adapter names (base_model_name_or_path), if it resolves here offline."""
+    from .models import resolve_source
+
+    if not adapter.base:
+        return []
+    try:
+        return [resolve_source(adapter.base, local_only=True).path]
+    except PocketVLMError:
+        return []
+
+
 def base_record(adapter: PeftAdapter) -> dict:
     """What the adapter artifact's manifest says about its base, to check it against a base artifact later: the
-    base's weights hash as the fine-tune recorded it."""
+    base's weights hash as the fine-tune recorded it, else as the named base's weights hash now. An adapter whose
+    base cannot be verified either way is refused: applied to another base it would answer nonsense, silently."""
+    from .artifact import source_record
     from .manifest import read_manifest
+    from .models import resolve_source
 
     beside = adapter.path.parent
     manifest = read_manifest(beside) if (beside / "pocketvlm.json").is_file() else None
     base = ((manifest or {}).get("finetune") or {}).get("base") or {}
-    return {"id": base.get("id") or adapter.base, "sha256": base.get("sha256")}
+    if not base.get("sha256") and named_base_paths(adapter):
+        base = source_record(resolve_source(adapter.base, local_only=True))
+    if not isinstance(base.get("sha256"), str) or not SHA256.fullmatch(base["sha256"]):
+        raise SourceError(f"{adapter.path}: cannot tell which base weights it was trained on (no fine-tune manifest "
+                          f"beside it, and base_model_name_or_path {adapter.base!r} is not a model folder here); "
+                          f"export it from its fine-tune folder (OUT/adapter)")
+    return {"id": base.get("id") or adapter.base, "sha256": base["sha256"]}
 
 
 def adapter_record(adapter: PeftAdapter, fmt: str) -> dict:
@@ -138,9 +160,16 @@ def check_pair(base_dir: Path, base_manifest: dict, adapter_dir: Path, adapter_m
         raise ArtifactError(f"{adapter_dir} is a {adapter_manifest.get('format')} adapter; {base_dir} is a "
                             f"{base_manifest.get('format')} model: export the adapter --to "
                             f"{base_manifest.get('format')}")
-    want = (record.get("base") or {}).get("sha256")
-    have = (base_manifest.get("source") or {}).get("sha256")
-    if want and have and want != have:
+    want = (record.get("base") or {}).get("sha256") if isinstance(record.get("base"), dict) else None
+    have = (base_manifest.get("source") or {}).get("sha256") if isinstance(base_manifest.get("source"), dict) \
+        else None
+    if not isinstance(want, str) or not SHA256.fullmatch(want):
+        raise ArtifactError(f"{adapter_dir}: its manifest does not say which base weights it was trained on "
+                            f"(adapter.base.sha256); re-export it from its fine-tune folder")
+    if not isinstance(have, str) or not SHA256.fullmatch(have):
+        raise ArtifactError(f"{base_dir}: its manifest does not record the weights it was exported from "
+                            f"(source.sha256), so an adapter cannot be checked against it; re-export it")
+    if want != have:
         raise ArtifactError(f"{adapter_dir} was trained on another base model than {base_dir} was exported from "
                             f"(weights {want[:12]}... vs {have[:12]}...); export the base the adapter was trained on")
     return record

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import EXIT_USER_ERROR, PocketVLMError, one_line
+from .jsonfile import dumps
+from .paths import path_arg
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,7 +86,8 @@ def add_fallback_arguments(p) -> None:
     g.add_argument("--fallback-model", metavar="ID", help="the provider's model id to call, as given")
     g.add_argument("--fallback-base-url", metavar="URL", help="the provider's API base URL (e.g. another "
                                                                  "pocketvlm serve)")
-    g.add_argument("--providers", metavar="FILE", help="a providers JSON file instead of the built-in price data")
+    g.add_argument("--providers", type=path_arg,
+                   metavar="FILE", help="a providers JSON file instead of the built-in price data")
     g.add_argument("--no-cloud", action="store_true",
                    help="guarantee nothing leaves this machine (refuses --fallback; also POCKETVLM_OFFLINE=1)")
 
@@ -142,8 +144,8 @@ def _ask(args) -> int:
         if fallback is not None:
             print(f"pocketvlm: {log_line(routed, len(images))}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"model": str(args.model), **result.to_json(),
-                          **({"answer": routed.answer, **routed.to_json()} if routed else {})}, indent=2))
+        print(dumps({"model": str(args.model), **result.to_json(),
+                     **({"answer": routed.answer, **routed.to_json()} if routed else {})}))
         return 0
     if not streaming:
         sys.stdout.write(routed.answer)
@@ -209,7 +211,7 @@ def _bench(args) -> int:
                     kwh_price=args.kwh_price, device_cost=args.device_cost, amortize_months=args.amortize_months,
                     out=Path(args.out) if args.out else None, with_plots=not args.no_plots,
                     device_label=args.device_label, threads=args.threads, progress=not args.quiet,
-                    image_sizes=args.image_sizes)
+                    image_sizes=args.image_sizes, force=args.force)
     print(report.markdown(results))
     if args.out:
         print(f"wrote {args.out}/results.json, report.md and plots", file=sys.stderr)
@@ -238,7 +240,7 @@ def _bench_router(args) -> int:
     results = sweep.run(args.model, fallback, samples_file=Path(args.samples) if args.samples else None,
                         thresholds=thresholds, target_accuracy=args.target_accuracy, max_tokens=args.max_tokens,
                         out=Path(args.out) if args.out else None, threads=args.threads,
-                        image_size=args.image_size, progress=not args.quiet)
+                        image_size=args.image_size, progress=not args.quiet, force=args.force)
     print(sweep.markdown(results))
     if args.out:
         print(f"wrote {args.out}/results.json, report.md, router.png", file=sys.stderr)
@@ -248,8 +250,10 @@ def _bench_router(args) -> int:
 def _bench_report(args) -> int:
     from pocketvlm.bench_device import report
 
-    merged = report.load([Path(p) for p in args.results])
-    written = report.write(merged, Path(args.out), with_plots=not args.no_plots)
+    inputs = [Path(p) for p in args.results]
+    report.check_out(Path(args.out), force=args.force, inputs=inputs)  # before reading: never over an input
+    merged = report.load(inputs)
+    written = report.write(merged, Path(args.out), with_plots=not args.no_plots, force=args.force, inputs=inputs)
     print(report.markdown(merged))
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
@@ -272,13 +276,26 @@ def _check(args) -> int:
             print(f"  {row['sample']}: prefix {row['matching_prefix']}/{row['tokens']}, "
                   f"KLD {row['kld_mean']:.2e}, top-1 {row['top1']:.3f}", file=sys.stderr)
 
+    if args.report:  # checked before the (long) check: never into what is read, never half-written
+        written = Path(args.report).resolve()
+        for given, inside in ((args.artifact, True), (args.reference, True), (args.samples, False),
+                              (args.images, written.exists())):  # folders whose files are listed or read
+            if given and (written == Path(given).resolve() or inside and written.is_relative_to(Path(given).resolve())):
+                raise PocketVLMError(f"--report {args.report} would write into {given}, which check reads; "
+                                     f"choose a file elsewhere")
+        if written.is_dir():
+            raise PocketVLMError(f"--report {args.report} is a folder; give a file name")
+        if not written.parent.is_dir():
+            raise PocketVLMError(f"--report {args.report}: no folder {written.parent}")
     report = check(Path(args.artifact), reference=args.reference,
                    samples_file=Path(args.samples) if args.samples else None,
                    images_dir=Path(args.images) if args.images else None, max_tokens=args.max_tokens,
                    progress=progress, image_size=args.image_size)
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2) if args.json else render(report))
+        tmp = Path(args.report).with_name(f".{Path(args.report).name}.partial")
+        tmp.write_text(dumps(report) + "\n")
+        os.replace(tmp, args.report)
+    print(dumps(report) if args.json else render(report))
     return 0 if report["pass"] else 1
 
 
@@ -307,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a complete Hugging Face SmolVLM2 folder with random weights and a locally trained "
                     "tokenizer. The real-shape presets match the published checkpoints exactly, so exports, sizes "
                     "and timings are real; answers are not. Presets: " + presets_help)
-    p.add_argument("out", help="output folder (refused if it exists and is not empty, unless --force)")
+    p.add_argument("out", type=path_arg, help="output folder (refused if it exists and is not empty, unless --force)")
     p.add_argument("--preset", choices=preset_names(), default="tiny", help="model shape (default: tiny)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and tokenizer corpus (default: 0)")
     p.add_argument("--train", action="store_true",
@@ -322,17 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer QUESTION about images or a video with MODEL: a Hugging Face SmolVLM2 folder, a Hub id "
                     "already in the local cache, or a pocketvlm artifact. Streams the answer to stdout; timings go "
                     "to stderr (or into --json).")
-    p.add_argument("model", help="model folder, Hub id, or exported artifact")
+    p.add_argument("model", type=path_arg, help="model folder, Hub id, or exported artifact")
     p.add_argument("question", help="the question, in plain text")
-    p.add_argument("--image", action="append", default=[], metavar="IMG",
+    p.add_argument("--image", type=path_arg, action="append", default=[], metavar="IMG",
                    help="an image file (repeat for several images)")
-    p.add_argument("--video", metavar="VID", help="a video file; frames are sampled as SmolVLM2 samples them")
+    p.add_argument("--video", type=path_arg,
+                   metavar="VID", help="a video file; frames are sampled as SmolVLM2 samples them")
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-tokens tokens (for timing random-weight models)")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the engine's choice)")
     p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP)
-    p.add_argument("--adapter", metavar="DIR",
+    p.add_argument("--adapter", type=path_arg, metavar="DIR",
                    help="apply this LoRA adapter artifact (pocketvlm export FINETUNED/adapter --to gguf|mlx) to MODEL, "
                         "a gguf or mlx artifact of the base it was trained on")
     add_fallback_arguments(p)
@@ -346,12 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert SOURCE (a Hugging Face SmolVLM2 folder, or a Hub id in the local cache) into an "
                     "artifact folder for one engine, quantized as asked, with a pocketvlm.json manifest written "
                     "last. The folder appears only when complete.")
-    p.add_argument("source", help="Hugging Face model folder or Hub id")
+    p.add_argument("source", type=path_arg, help="Hugging Face model folder or Hub id")
     p.add_argument("--to", required=True, metavar="FORMAT",
                    help=", ".join(f"{f.name}: {f.title}" for f in sorted(formats.EXPORT_FORMATS.values(),
                                                                           key=lambda f: f.name)))
     p.add_argument("--quant", help=formats.quant_help("export"))
-    p.add_argument("--out", required=True, help="output folder (refused if not empty, unless --force)")
+    p.add_argument("--out", type=path_arg, required=True, help="output folder (refused if not empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace OUT once the new artifact is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--image-size", type=image_size_arg, metavar="PX",
@@ -368,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "runs here, and print one table: format x quant x size x accuracy x agreement with the "
                     "reference x TTFT x decode speed, plus the edge-vs-cloud line. Writes report.md, results.json "
                     "and plots to a new folder named at the end.")
-    p.add_argument("--model", help="run on this model instead (a real SmolVLM2 folder or cached Hub id)")
-    p.add_argument("--out", help="report folder (default: ./pocketvlm-demo-<time>)")
+    p.add_argument("--model", type=path_arg, help="run on this model instead (a real SmolVLM2 folder or cached Hub id)")
+    p.add_argument("--out", type=path_arg, help="report folder (default: ./pocketvlm-demo-<time>)")
     p.add_argument("--formats", help="comma-separated subset of formats (default: all available)")
     p.add_argument("--questions", type=int, default=40,
                    help="held-out questions to ask, tasks in turn (default 40 = 10 per task; 200 asks them all — "
@@ -408,9 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize", help="quantize an exported artifact further (same format)",
         description="Write a lower-bit copy of ARTIFACT (e.g. a GGUF f16 export to q4_k_m) with its own manifest. "
                     "Run `pocketvlm check` on the result to see what the quantization cost.")
-    p.add_argument("artifact", help="an exported artifact folder")
+    p.add_argument("artifact", type=path_arg, help="an exported artifact folder")
     p.add_argument("--quant", required=True, help=formats.quant_help("quantize"))
-    p.add_argument("--out", required=True, help="output folder (refused if not empty, unless --force)")
+    p.add_argument("--out", type=path_arg, required=True, help="output folder (refused if not empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace OUT once the new artifact is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_quantize)
@@ -430,8 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "such). Cost per 1k queries at standard and batch prices, and break-even against the device, "
                     "for the current model and Mistral Medium 3's last price; a retired model is measured on its "
                     "successor.")
-    p.add_argument("targets", nargs="+", metavar="ARTIFACT", help="artifacts / model folders")
-    p.add_argument("--images", metavar="DIR", help="images to ask about (default: built-in probe images)")
+    p.add_argument("targets", type=path_arg, nargs="+", metavar="ARTIFACT", help="artifacts / model folders")
+    p.add_argument("--images", type=path_arg,
+                   metavar="DIR", help="images to ask about (default: built-in probe images)")
     p.add_argument("--question", default="Describe this image.", help="the question (default: %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="measured runs per image (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
@@ -440,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud-model", help="send this model id as given, never swapped for a successor; an id in the "
                                          "price data brings its own price and lifecycle (e.g. mistral-medium-3-5)")
     p.add_argument("--cloud-base-url", help="override the provider's API base URL")
-    p.add_argument("--providers", help="a providers JSON file (schema pocketvlm.providers/2; start from a copy of "
+    p.add_argument("--providers", type=path_arg,
+                   help="a providers JSON file (schema pocketvlm.providers/2; start from a copy of "
                                        "pocketvlm/data/providers.json)")
     p.add_argument("--power-w", type=float, help="device power draw while answering, in watts (edge energy cost)")
     p.add_argument("--kwh-price", type=float, default=0.30, help="electricity price, $/kWh (default 0.30)")
@@ -453,8 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-sizes", type=image_sizes_arg, metavar="PX,PX,...",
                    help="sweep the image budget: measure every artifact at each size (e.g. 512,1024,2048) and report "
                         "TTFT, prompt tokens, peak RSS and agreement with the reference at each, with a plot")
-    p.add_argument("--out", help="write results.json, report.md and PNG plots here")
+    p.add_argument("--out", type=path_arg,
+                   help="write results.json, report.md and PNG plots to this new folder (refused if not "
+                                 "empty, unless --force)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT, if it is an earlier pocketvlm output, once the new one is complete")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
 
@@ -465,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(--fallback), then for each --min-confidence threshold: accuracy, share escalated, $ per 1k "
                     "queries, p50/p95 latency, and the threshold that reaches --target-accuracy at least cost. "
                     "Writes results.json, report.md and router.png (accuracy against cost) with --out.")
-    p.add_argument("model", help="the on-device model or artifact")
-    p.add_argument("--samples", help="JSON list of {image, question, answer} (default: the held-out split)")
+    p.add_argument("model", type=path_arg, help="the on-device model or artifact")
+    p.add_argument("--samples", type=path_arg,
+                   help="JSON list of {image, question, answer} (default: the held-out split)")
     p.add_argument("--thresholds", help="comma-separated thresholds from 0 to 1 (default: 0, 0.1, ..., 0.9, 0.95, "
                                         "0.99, 1)")
     p.add_argument("--target-accuracy", type=float, default=0.95,
@@ -474,7 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=8, help="tokens per answer (default 8)")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for the engine")
     p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP)
-    p.add_argument("--out", help="write results.json, report.md and router.png here")
+    p.add_argument("--out", type=path_arg,
+                   help="write results.json, report.md and router.png to this new folder (refused if not "
+                                 "empty, unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT, if it is an earlier pocketvlm output, once the new one is complete")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_fallback_arguments(p)
     p.set_defaults(func=_bench_router)
@@ -483,9 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="merge results.json files from several devices into one report",
         description="Merge bench results recorded on several devices (each `bench --out` writes results.json) "
                     "into one report.md, results.json and plots.")
-    p.add_argument("results", nargs="+", metavar="RESULTS.json", help="results files to merge")
-    p.add_argument("--out", required=True, metavar="DIR", help="write the merged results.json, report.md, plots here")
+    p.add_argument("results", type=path_arg, nargs="+", metavar="RESULTS.json", help="results files to merge")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR",
+                   help="write the merged results.json, report.md and plots to this new folder (refused if not empty, "
+                        "unless --force; never one holding an input)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT, if it is an earlier pocketvlm output, once the new one is complete")
     p.set_defaults(func=_bench_report)
 
     p = sub.add_parser(
@@ -494,13 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "(exact match and matching prefix), and teacher-forced KL divergence and top-1 agreement per "
                     "step. Gated by thresholds per format and quant (pocketvlm/data/fidelity.json); exits 1 when a "
                     "gate fails.")
-    p.add_argument("artifact", help="an exported artifact folder")
-    p.add_argument("--reference", help="the original model folder (default: the source recorded in the manifest)")
-    p.add_argument("--samples", help="JSON list of {image, question, answer?} (default: built-in probes)")
-    p.add_argument("--images", metavar="DIR", help="also ask 'Describe this image.' about every image in DIR")
+    p.add_argument("artifact", type=path_arg, help="an exported artifact folder")
+    p.add_argument("--reference", type=path_arg,
+                   help="the original model folder (default: the source recorded in the manifest)")
+    p.add_argument("--samples", type=path_arg,
+                   help="JSON list of {image, question, answer?} (default: built-in probes)")
+    p.add_argument("--images", type=path_arg,
+                   metavar="DIR", help="also ask 'Describe this image.' about every image in DIR")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens compared per sample (default: 32)")
     p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP + "; both sides use it")
-    p.add_argument("--report", metavar="FILE", help="also write the full report as JSON")
+    p.add_argument("--report", type=path_arg, metavar="FILE", help="also write the full report as JSON")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=_check)
 

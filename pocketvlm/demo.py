@@ -8,7 +8,6 @@ line. The full report (report.md, results.json, plots) goes to a folder named at
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
 import statistics
 import sys
@@ -17,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import PocketVLMError
+from .jsonfile import dumps
 from .manifest import read_manifest
 
 def embedded_model() -> Path:
@@ -144,7 +144,7 @@ def run_demo(model: str | None = None, out: Path | None = None, formats: list[st
                "model": source, "questions": len(samples), "machine": f"{platform.system()} {platform.machine()}",
                "skipped_formats": missing, "notes": notes, "rows": rows, "cloud": cloud_block,
                "manifest": read_manifest(Path(source)) if Path(source).is_dir() else None}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(dumps(results) + "\n")
     table = render(results)
     (out / "report.md").write_text(table)
     _plot(results, out)

@@ -5,11 +5,12 @@ samples file, a folder of images, the held-out split), how an answer is graded, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from .errors import PocketVLMError
+from .paths import user_path
 from .media import Video, image_files, open_image
 from .prompt import Request
 
@@ -19,6 +20,7 @@ class Sample:
     name: str
     request: Request
     answer: str | None = None
+    image_paths: list[Path] = field(default_factory=list)  # where its images were read from (protected from --out)
 
 
 def normalize_answer(text: str) -> str:
@@ -63,22 +65,32 @@ def builtin_samples() -> list[Sample]:
 
 
 def load_samples(path: Path) -> list[Sample]:
-    """A JSON list of {"image": path relative to the file, "question": ..., "answer"?: ...}."""
-    path = Path(path)
+    """A non-empty JSON list of {"image": path relative to the file, "question": ..., "answer"?: ...}; every item
+    checked, a bad one named in one line."""
+    path = user_path(path)
     try:
         items = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise PocketVLMError(f"{path}: no such samples file") from e
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise PocketVLMError(f"{path}: unreadable samples file ({e.__class__.__name__})") from e
     if not isinstance(items, list) or not all(isinstance(i, dict) and "question" in i for i in items):
         raise PocketVLMError(f"{path}: expected a JSON list of objects with a 'question'")
+    if not items:
+        raise PocketVLMError(f"{path}: no samples (an empty list); give at least one {{image, question, answer}}")
     samples = []
     for i, item in enumerate(items):
-        images = [open_image(path.parent / item["image"])] if item.get("image") else []
-        name = item.get("name") or (Path(item["image"]).stem if item.get("image") else f"#{i}")
-        samples.append(Sample(name, Request(item["question"], images=images),
-                              item.get("answer")))
+        image = item.get("image")
+        if image is not None and (not isinstance(image, str) or not image.strip()):
+            raise PocketVLMError(f"{path}: sample #{i}: 'image' must be a file path (a non-empty string)")
+        for key in ("question", "answer", "name"):
+            if item.get(key) is not None and not isinstance(item[key], str):
+                raise PocketVLMError(f"{path}: sample #{i}: {key!r} must be a string, got "
+                                     f"{type(item[key]).__name__}")
+        image_paths = [path.parent / user_path(image)] if image else []
+        images = [open_image(p) for p in image_paths]
+        name = item.get("name") or (Path(image).stem if image else f"#{i}")
+        samples.append(Sample(name, Request(item["question"], images=images), item.get("answer"), image_paths))
     return samples
 
 

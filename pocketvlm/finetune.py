@@ -29,7 +29,8 @@ from importlib import resources
 from pathlib import Path
 
 from . import interrupts
-from .errors import PocketVLMError
+from .errors import PocketVLMError, one_line
+from .paths import path_arg, user_path
 
 HELP = "teach a model new image questions with LoRA (peft) on your own pictures"
 DESCRIPTION = ("Fine-tune BASE (a Hugging Face SmolVLM2 folder or a Hub id in the cache) on DATA with LoRA, on the "
@@ -53,10 +54,11 @@ def recipes() -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = recipes()["defaults"]
     targets = {k: v for k, v in recipes()["targets"].items() if not k.startswith("_")}
-    parser.add_argument("base", metavar="BASE", help="Hugging Face SmolVLM2 folder or Hub id (in the cache)")
-    parser.add_argument("--data", required=True, metavar="DATA",
+    parser.add_argument("base", type=path_arg,
+                        metavar="BASE", help="Hugging Face SmolVLM2 folder or Hub id (in the cache)")
+    parser.add_argument("--data", type=path_arg, required=True, metavar="DATA",
                         help=f"JSONL file, or a folder holding {DATA_FILE}: one image/question/answer per line")
-    parser.add_argument("--out", required=True, metavar="OUT",
+    parser.add_argument("--out", type=path_arg, required=True, metavar="OUT",
                         help="output folder (refused if not empty, unless --force)")
     parser.add_argument("--rank", type=int, default=d["rank"], help=f"LoRA rank (default {d['rank']})")
     parser.add_argument("--alpha", type=float, default=d["alpha"],
@@ -115,7 +117,7 @@ class Row:
 
 
 def data_file(data) -> Path:
-    path = Path(data).expanduser()
+    path = user_path(data)
     if path.is_dir():
         path = path / DATA_FILE
         if not path.is_file():
@@ -143,6 +145,10 @@ def parse_rows(path: Path) -> list[Row]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise PocketVLMError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise PocketVLMError(f"{where}: nested too deeply to read; a row is one flat JSON object") from None
+        except ValueError as e:  # e.g. an integer of thousands of digits (Python's int-from-text limit)
+            raise PocketVLMError(f"{where}: unreadable JSON ({one_line(e, 80)})") from None
         rows.append(_row(item, where, path.parent))
     if not rows:
         raise PocketVLMError(f"{path}: no rows; DATA has one JSON object per line")
@@ -180,7 +186,7 @@ def _row(item, where: str, folder: Path) -> Row:
     task = item.get("task")
     if task is not None and not isinstance(task, str):
         raise PocketVLMError(f"{where}: 'task' must be a string, got {type(task).__name__}")
-    return Row(where, [(folder / p).expanduser() for p in images], item["question"], item["answer"].strip(), task)
+    return Row(where, [folder / user_path(p) for p in images], item["question"], item["answer"].strip(), task)
 
 
 def check_rows(rows: list[Row], processor, progress: bool = False) -> None:
@@ -242,7 +248,19 @@ def check_out(out: Path, *, protected: list[Path], force: bool) -> None:
     holding either or inside them, or the working directory (the rule every output follows)."""
     from .manifest import check_output
 
-    check_output(Path(out).expanduser(), force=force, protect=tuple(protected))
+    check_output(user_path(out), force=force, protect=tuple(protected))
+
+
+def _max_rank(config: dict, target: str) -> int:
+    """The width of the narrowest layer TARGET adapts (the largest useful LoRA rank), from the model's config."""
+    text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
+    hidden = int(text.get("hidden_size") or 1)
+    heads = int(text.get("num_attention_heads") or 1)
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    widths = {"text": [hidden, int(text.get("num_key_value_heads") or heads) * head_dim],
+              "vision": [int(vision.get("hidden_size") or 1), hidden]}  # the connector projects into the text width
+    widths["both"] = widths["text"] + widths["vision"]
+    return max(1, min(widths.get(target, widths["both"])))
 
 
 def _weights_dtype(config: dict) -> str:
@@ -433,11 +451,21 @@ def train_steps(model, processor, rows: list[Row], *, steps: int, batch: int, lr
             picked += take
             cursor += len(take)
         loss = model(**batch_inputs(processor, [rows[i] for i in picked], pad_id)).loss
+        if not math.isfinite(loss.item()):
+            raise PocketVLMError(f"training diverged at step {len(losses) + 1} of {steps} (the loss is "
+                                 f"{loss.item()}, after {len(losses)} finite steps at --lr {lr:g}); nothing was "
+                                 f"written: lower --lr (default {d['lr']:g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, d["max_grad_norm"])
+        norm = torch.nn.utils.clip_grad_norm_(trainable, d["max_grad_norm"])
+        if not math.isfinite(norm.item()):
+            raise PocketVLMError(f"training diverged at step {len(losses) + 1} of {steps} (a gradient is not "
+                                 f"finite at --lr {lr:g}); nothing was written: lower --lr (default {d['lr']:g})")
         opt.step()
         schedule.step()
+        if not all(torch.isfinite(p).all() for p in trainable):
+            raise PocketVLMError(f"training diverged at step {len(losses) + 1} of {steps} (the weights are no longer "
+                                 f"finite at --lr {lr:g}); nothing was written: lower --lr (default {d['lr']:g})")
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     model.eval()
@@ -449,9 +477,21 @@ def train_steps(model, processor, rows: list[Row], *, steps: int, batch: int, lr
 
 # ------------------------------------------------------------------------------------------------ main
 
-def _check_flags(*, rank, alpha, epochs, max_steps, lr, batch, target, eval_split, threads) -> None:
+MAX_STEPS = 1_000_000  # far beyond any CPU fine-tune (the defaults take tens to hundreds); bounds the loss records
+
+
+def _check_flags(*, rank, alpha, epochs, max_steps, lr, batch, target, eval_split, threads, seed) -> None:
+    from .threads import check_threads
+
     if rank < 1:
         raise PocketVLMError(f"--rank must be at least 1 (got {rank})")
+    if not 0 <= seed < 2 ** 63:
+        raise PocketVLMError(f"--seed must be from 0 to 2**63-1 (got {seed})")
+    if epochs is not None and epochs > MAX_STEPS or max_steps is not None and max_steps > MAX_STEPS:
+        raise PocketVLMError(f"--epochs / --max-steps: at most {MAX_STEPS:,} (got "
+                             f"{epochs if epochs is not None else max_steps:,})")
+    if threads is not None:
+        check_threads(threads)
     if not (alpha > 0 and math.isfinite(alpha)):
         raise PocketVLMError(f"--alpha must be a positive number (got {alpha:g})")
     if epochs is not None and epochs < 1:
@@ -466,8 +506,6 @@ def _check_flags(*, rank, alpha, epochs, max_steps, lr, batch, target, eval_spli
         raise PocketVLMError(f"unknown --target {target!r}; choose text, vision or both")
     if not (0 <= eval_split < 1):
         raise PocketVLMError(f"--eval-split is a fraction of DATA, from 0 (none) up to 1 (got {eval_split:g})")
-    if threads is not None and threads < 1:
-        raise PocketVLMError(f"--threads must be at least 1 (got {threads})")
 
 
 def _tool_versions() -> dict:
@@ -503,7 +541,7 @@ def finetune(base: str, data, out, *, rank: int | None = None, alpha: float | No
     eval_split = d["eval_split"] if eval_split is None else eval_split
     seed = d["seed"] if seed is None else seed
     _check_flags(rank=rank, alpha=alpha, epochs=epochs, max_steps=max_steps, lr=lr, batch=batch, target=target,
-                 eval_split=eval_split, threads=threads)
+                 eval_split=eval_split, threads=threads, seed=seed)
     if epochs is not None and max_steps is not None:
         raise PocketVLMError("pass --epochs or --max-steps, not both")
     import importlib.util
@@ -513,15 +551,31 @@ def finetune(base: str, data, out, *, rank: int | None = None, alpha: float | No
 
     source = resolve_source(str(base))
     jsonl = data_file(data)
-    check_out(Path(out), protected=[source.path, jsonl.resolve().parent if Path(data).is_dir() else jsonl],
-              force=force)
-    processor = Processor(source.path)
     rows = parse_rows(jsonl)
+    # every input is protected like the base: the data, its folder when given as one, and every image a row names
+    # (images may live anywhere, even inside an earlier OUT that --force would replace)
+    protected = [source.path, jsonl.resolve().parent if Path(data).is_dir() else jsonl,
+                 *dict.fromkeys(p for r in rows for p in r.images)]
+    check_out(Path(out), protected=protected, force=force)
+    processor = Processor(source.path)
     train_rows, eval_rows = split_rows(rows, eval_split, seed)
     check_rows(rows, processor, progress)
+    config = read_json(source.path / "config.json", "not a SmolVLM model folder")
+    dtype = _weights_dtype(config)
+    most = _max_rank(config, target)
+    if rank > most:
+        raise PocketVLMError(f"--rank {rank} is larger than the narrowest layer --target {target} adapts ({most} "
+                             f"wide): a LoRA update of rank r needs r <= that width; give --rank {most} or less")
+    if batch > len(train_rows):  # a step cannot hold more distinct rows than there are: cap it, and say so
+        if progress:
+            print(f"pocketvlm: --batch {batch} is more than the {len(train_rows)} training rows; using "
+                  f"{len(train_rows)}", file=sys.stderr)
+        batch = len(train_rows)
     epochs = d["epochs"] if epochs is None and max_steps is None else epochs
     steps = max_steps or epochs * math.ceil(len(train_rows) / batch)
-    dtype = _weights_dtype(read_json(source.path / "config.json", "not a SmolVLM model folder"))
+    if steps > MAX_STEPS:
+        raise PocketVLMError(f"{epochs:,} epochs of {math.ceil(len(train_rows) / batch)} steps is more than "
+                             f"{MAX_STEPS:,} steps; fewer --epochs")
 
     suites = {}
     if eval_rows:
@@ -546,7 +600,7 @@ def finetune(base: str, data, out, *, rank: int | None = None, alpha: float | No
     if threads:
         torch.set_num_threads(threads)
     before = evaluate(source.path, suites, progress, "before") if suites else {}
-    with atomic_output(Path(out), force=force) as scratch:
+    with atomic_output(user_path(out), force=force, protect=tuple(protected)) as scratch:
         torch.manual_seed(seed)  # LoRA's A matrices are drawn from torch's global generator
         model = SmolVLMForConditionalGeneration.from_pretrained(source.path, dtype=torch.float32)
         model = lora_model(model, rank=rank, alpha=alpha, target=target, dropout=d["dropout"])

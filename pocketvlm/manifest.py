@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import interrupts
 from .errors import ArtifactError, PocketVLMError
+from .jsonfile import dumps
 
 FILENAME = "pocketvlm.json"
 SCHEMA = 1
@@ -59,7 +60,7 @@ def write_manifest(root: Path, *, format: str, quant: str, source: dict, tools: 
         **extra,
     }
     tmp = root / (FILENAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.write_text(dumps(manifest) + "\n")
     os.replace(tmp, root / FILENAME)
     return manifest
 
@@ -189,21 +190,37 @@ def check_output(out: Path, *, force: bool = False, protect: tuple[Path, ...] = 
         raise PocketVLMError(f"--out {out} is a symbolic link; point --out at a real folder")
     if out.exists() and not out.is_dir():
         raise PocketVLMError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise PocketVLMError(f"{out} already exists and is not empty; pass --force to replace it")
-        if not _is_pocketvlm_output(out):
-            raise PocketVLMError(f"{out} is not a pocketvlm output (no {FILENAME}) and not empty: --force only "
-                                 f"replaces earlier pocketvlm outputs or empty folders; remove it yourself or choose "
-                                 f"another --out")
+    problem = _why_not_replaceable(out, force=force) if out.is_dir() else None
+    if problem:
+        raise PocketVLMError(problem)
+
+
+def _why_not_replaceable(folder: Path, *, force: bool, name: Path | None = None) -> str | None:
+    """Why writing over FOLDER (an existing directory, shown as NAME) is refused, or None: a non-empty folder
+    without --force, and with --force anything but an earlier pocketvlm output."""
+    name = name or folder
+    try:
+        empty = not any(folder.iterdir())
+    except OSError as e:
+        return f"{name} cannot be read ({e.strerror or e})"
+    if empty:
+        return None
+    if not force:
+        return f"{name} already exists and is not empty; pass --force to replace it"
+    if not _is_pocketvlm_output(folder):
+        return (f"{name} is not a pocketvlm output (no {FILENAME}) and not empty: --force only replaces earlier "
+                f"pocketvlm outputs or empty folders; remove it yourself or choose another --out")
+    return None
 
 
 @contextlib.contextmanager
 def atomic_output(out: Path, *, force: bool = False, protect: tuple[Path, ...] = ()):
     """Yield a scratch folder beside OUT; on success (manifest written) rename it to OUT, on failure delete it.
 
-    With force, a previous OUT (an earlier pocketvlm output, see check_output) is replaced only once the new one is
-    complete, so a failed run loses nothing.
+    OUT is checked (check_output) before the work and again, by the same rules, just before the rename: a folder
+    that appeared at OUT while this ran, or changed, is never replaced unless the rules allow it. With force, a
+    previous OUT (an earlier pocketvlm output) is replaced only once the new one is complete, so a failed run loses
+    nothing.
     """
     out = Path(out)
     check_output(out, force=force, protect=protect)
@@ -224,10 +241,10 @@ def atomic_output(out: Path, *, force: bool = False, protect: tuple[Path, ...] =
             if not (scratch / FILENAME).is_file():
                 raise RuntimeError(f"bug: {scratch} finished without {FILENAME}")
             interrupts.check()  # a stop signal whose exception a finaliser swallowed: do not commit
+            _move_into_place(scratch, out, force=force, protect=protect)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
-        _move_into_place(scratch, out)
     finally:
         if held is not None:
             os.close(held)  # after the rename: a sweep never sees this folder unlocked while it is a scratch
@@ -279,20 +296,37 @@ def sweep_abandoned(out: Path) -> list[Path]:
     return removed
 
 
-def _move_into_place(scratch: Path, out: Path) -> None:
+def _move_into_place(scratch: Path, out: Path, *, force: bool, protect: tuple[Path, ...]) -> None:
+    """Rename the finished SCRATCH to OUT, by the rules check_output applied before the work, applied again now:
+    OUT may have appeared, or changed, while this ran. A previous OUT is first moved aside and checked again there
+    (nothing can be added to it under its new name), so what is deleted is only ever what the rules allow; the
+    final rename of a folder can only replace an empty folder (rename(2)), never files."""
+    try:
+        check_output(out, force=force, protect=protect)
+    except PocketVLMError as e:
+        raise PocketVLMError(f"--out {out} changed while this ran: {e}; it was left as it is and this run's output "
+                             f"was discarded") from e
     try:
         if out.exists():
             old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
             out.rename(old)
+            problem = _why_not_replaceable(old, force=force, name=out)
+            if problem:
+                old.rename(out)  # written to in the instant since the check: put it back as it is
+                raise PocketVLMError(f"--out {out} changed while this ran: {problem}; it was left as it is and this "
+                                     f"run's output was discarded")
             try:
                 scratch.rename(out)
             except OSError:
-                old.rename(out)  # put the previous output back
+                with contextlib.suppress(OSError):
+                    old.rename(out)  # put the previous output back (unless something took its place meanwhile)
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             scratch.rename(out)
     except OSError as e:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise PocketVLMError(f"--out {out} appeared while this ran; it was left as it is and this run's output "
+                                 f"was discarded") from e
         what = "it is in use (a mount point or busy)" if e.errno == errno.EBUSY else (e.strerror or str(e))
         raise PocketVLMError(f"cannot move the finished output into {out}: {what}; nothing was changed") from e

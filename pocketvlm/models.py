@@ -10,6 +10,7 @@ from pathlib import Path
 from .errors import SourceError
 from .jsonfile import read_json
 from .manifest import read_manifest
+from .paths import user_path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -24,9 +25,10 @@ class ModelSource:
     revision: str | None  # Hub commit, when it came from the Hub
 
 
-def resolve_source(source: str, revision: str | None = None) -> ModelSource:
-    """A local SmolVLM folder, or a Hub id fetched (or found in the cache) via huggingface_hub."""
-    path = Path(source).expanduser()
+def resolve_source(source: str, revision: str | None = None, *, local_only: bool = False) -> ModelSource:
+    """A local SmolVLM folder, or a Hub id fetched (or found in the cache) via huggingface_hub; with local_only,
+    only a folder or the cache (never a request)."""
+    path = user_path(source)
     if path.exists():
         if not path.is_dir():
             raise SourceError(f"{source} is a file; a model source is a folder in the Hugging Face layout or a Hub id")
@@ -34,12 +36,12 @@ def resolve_source(source: str, revision: str | None = None) -> ModelSource:
         return ModelSource(path=path.resolve(), id=str(path), revision=None)
     if not HUB_ID.match(source) or source.startswith((".", "/", "~")):
         raise SourceError(f"{source}: no such folder, and not a Hugging Face Hub id (owner/name)")
-    local = _hub_snapshot(source, revision)
+    local = _hub_snapshot(source, revision, local_only=local_only)
     check_smolvlm_dir(local)
     return ModelSource(path=local, id=source, revision=local.name)
 
 
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+def _hub_snapshot(repo_id: str, revision: str | None, *, local_only: bool = False) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -50,8 +52,9 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     hint = (f"download it on a connected machine (`hf download {repo_id}`) and copy the folder or the cache "
             f"({HF_HUB_CACHE}), or pass a local folder")
-    if offline:
-        raise SourceError(f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
+    if offline or local_only:
+        raise SourceError(f"{repo_id} is not in the Hugging Face cache"
+                          f"{' and HF_HUB_OFFLINE is set' if offline else ''}; {hint}")
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # no network, DNS failure, 404, auth: all end the same way for the user

@@ -16,6 +16,7 @@ from pocketvlm.errors import ArtifactError
 from pocketvlm.threads import check_threads
 from pocketvlm.manifest import read_manifest, verify
 from pocketvlm.models import check_smolvlm_dir, resolve_source
+from pocketvlm.paths import user_path
 from pocketvlm.prompt import check_image_size
 
 from .base import Backend, Prefilled, Result, Step, Timings  # noqa: F401  (the public interface)
@@ -44,12 +45,12 @@ def open_backend(model: str | Path, *, torch_free: bool = False, threads: int | 
     check_threads(threads)
     if image_size is not None:
         check_image_size(image_size)
-    path = Path(model).expanduser()
+    path = user_path(model)
     manifest = read_manifest(path) if path.is_dir() else None
     if manifest is not None:
         refuse_adapter_as_model(path, manifest)
     if adapter is not None:
-        adapter = Path(adapter).expanduser()
+        adapter = user_path(adapter)
         if not adapter.is_dir():
             raise ArtifactError(f"--adapter {adapter}: no such folder (an adapter artifact is the folder "
                                 f"`pocketvlm export FINETUNED/adapter --to FORMAT --out DIR` writes)")

@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 
 from pocketvlm import media
 from pocketvlm.errors import PocketVLMError
+from pocketvlm.jsonfile import dumps
+from pocketvlm.paths import path_arg
 
 from . import httpd
 from .httpd import RequestError
@@ -491,13 +493,13 @@ def make_handler(service: ChatService, access: Access) -> type[httpd.Handler]:
             status = int(status)
             body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                               "code": status}}
-            return "application/json", json.dumps(body).encode()
+            return "application/json", dumps(body, indent=None).encode()
 
         def extra_headers(self):
             return self.cors
 
         def reply_json(self, status: int, obj: dict) -> None:
-            self.reply(status, "application/json", json.dumps(obj).encode())
+            self.reply(status, "application/json", dumps(obj, indent=None).encode())
 
         # every method goes through the same door: Host and Origin first, then (but for a preflight) the key
         def _dispatch(self):
@@ -578,7 +580,7 @@ def make_handler(service: ChatService, access: Access) -> type[httpd.Handler]:
             started = False
 
             def event(obj: dict) -> None:
-                self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+                self.wfile.write(f"data: {dumps(obj, indent=None)}\n\n".encode())
 
             def send(delta: dict, finish: str | None = None, usage: dict | None = None) -> None:
                 nonlocal started
@@ -647,13 +649,14 @@ def make_server(backend: "Backend", host: str = "127.0.0.1", port: int = 8000, *
 
 def add_arguments(parser) -> None:
     """serve's options (the CLI adds --threads, which every engine command shares)."""
-    parser.add_argument("model", help="model folder, Hub id in the cache, or exported artifact")
+    parser.add_argument("model", type=path_arg, help="model folder, Hub id in the cache, or exported artifact")
     parser.add_argument("--host", default="127.0.0.1",
                         help="IP address to bind (default 127.0.0.1: this machine only; ::1 for IPv6; any other "
                              "address needs an API key, or --insecure)")
     parser.add_argument("--port", default="8000", help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--model-id", help="model name reported to clients (default: the backend name)")
-    parser.add_argument("--adapter", metavar="DIR", help="apply this LoRA adapter artifact to MODEL (gguf or mlx)")
+    parser.add_argument("--adapter", type=path_arg,
+                        metavar="DIR", help="apply this LoRA adapter artifact to MODEL (gguf or mlx)")
     parser.add_argument("--api-key",
                         help=f"require this bearer token from clients. A command line is visible to every user of "
                              f"the machine (ps): prefer the {API_KEY_ENV} environment variable, read when "

@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 from pocketvlm.errors import ArtifactError, PocketVLMError
 from pocketvlm.manifest import FILENAME, read_manifest, verify
+from pocketvlm.paths import path_arg, user_path
 
 from . import httpd
 from .httpd import lan_addresses
@@ -147,7 +148,7 @@ class WebDemo:
     """What the server hands out: a URL path -> a file (or the generated demo.json)."""
 
     def __init__(self, artifact: Path, web: Path | None = None):
-        self.artifact = Path(artifact).expanduser()
+        self.artifact = user_path(artifact)
         self.manifest = check_artifact(self.artifact)
         self.root = self.artifact.resolve()
         self.web = check_web(web or web_dir())
@@ -290,7 +291,8 @@ def urls(host: str, port: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(parser) -> None:
-    parser.add_argument("artifact", help="an ONNX export folder (pocketvlm export MODEL --to onnx --out DIR)")
+    parser.add_argument("artifact", type=path_arg,
+                        help="an ONNX export folder (pocketvlm export MODEL --to onnx --out DIR)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="IP address to bind (default 127.0.0.1: this machine only; 0.0.0.0: phones on the "
                              "same network; ::1 or :: for IPv6)")

@@ -107,7 +107,7 @@ BAD_FLAGS = {
     "epochs and max-steps": (["--epochs", "1", "--max-steps", "2"], "not allowed with argument"),
     "unknown target": (["--target", "everything"], "argument --target: invalid choice: 'everything'"),
     "eval split 1": (["--eval-split", "1"], "--eval-split is a fraction"),
-    "threads 0": (["--threads", "0"], "--threads must be at least 1"),
+    "threads 0": (["--threads", "0"], "--threads 0: give 1 to"),
     "unknown flag": (["--rnak", "4"], "unrecognized arguments: --rnak 4"),
 }
 
