@@ -54,10 +54,11 @@ def _median(values):
 
 
 def cloud_leg(plan: cloud_api.CloudPlan, images: list[Path], question: str, runs: int, max_tokens: int,
-              on_run=None, key=_FROM_ENV, **ask_options) -> dict:
+              on_run=None, key=_FROM_ENV, say=None, **ask_options) -> dict:
     """The cloud block of results.json: measured against the plan's callable model when a key is set, else (or
     when the API fails) estimated; costs at every price the plan shows, standard and batch. Never raises for
-    anything the server or the key does: the block says what went wrong."""
+    anything the server or the key does: the block says what went wrong, in our own words only (CloudError.plain:
+    results files keep nothing a server wrote); SAY, if given, gets the line with the server's short message."""
     requested, call, today = plan.requested, plan.call, plan.today
     block = {"provider": requested.id, "requested": requested.lifecycle(today), "notes": list(plan.notes),
              "about": plan.about, "measured": False, "records": []}
@@ -86,10 +87,11 @@ def cloud_leg(plan: cloud_api.CloudPlan, images: list[Path], question: str, runs
                         on_run(rec)
             block["measured"] = True
         except cloud_api.CloudError as e:
-            message = str(e)
-            if e.reason in ("invalid_model", "not_found") and not plan.override:
-                message += "; pass --cloud-model with a current id"
-            block["error"] = message
+            advice = ("; pass --cloud-model with a current id"
+                      if e.reason in ("invalid_model", "not_found") and not plan.override else "")
+            block["error"] = e.plain + advice
+            if say:
+                say(str(e) + advice)
     points = plan.prices(block["measured"])
     headline = points[0].provider
     block.update(model=headline.model, name=headline.name,
@@ -126,7 +128,8 @@ def cloud_leg(plan: cloud_api.CloudPlan, images: list[Path], question: str, runs
 
 def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str = DEFAULT_QUESTION, runs: int = 3,
           warmup: int = 1, max_tokens: int = 32, cloud: str | None = "default", cloud_model: str | None = None,
-          cloud_base_url: str | None = None, providers_file: Path | None = None, power_w: float | None = None,
+          cloud_base_url: str | None = None, allow_plain_http: bool = False, providers_file: Path | None = None,
+          power_w: float | None = None,
           kwh_price: float | None = None, device_cost: float | None = None, amortize_months: int = 24,
           out: Path | None = None, with_plots: bool = True, device_label: str | None = None,
           threads: int | None = None, progress: bool = True, cloud_options: dict | None = None,
@@ -134,9 +137,12 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
     """Measure every artifact, then the cloud leg (`cloud`: a provider name from the price data, "default" for
     the data's default, None for no cloud leg); `today` (default: the run's date) decides what is retired.
     image_sizes: the image budgets to measure each artifact at (a sweep: one worker per artifact and size, each
-    variant id suffixed @size); None: each artifact's own."""
+    variant id suffixed @size); None: each artifact's own. allow_plain_http: cloud_base_url may be http:// to
+    another host (cloud.check_base_url)."""
     from tqdm import tqdm
 
+    if cloud_base_url is not None:  # checked whether or not a cloud leg runs: a flag that cannot work is refused
+        cloud_api.check_base_url(cloud_base_url, "--cloud-base-url", allow_plain_http=allow_plain_http)
     if runs < 1 or warmup < 0 or max_tokens < 2:
         raise PocketVLMError("need --runs >= 1, --warmup >= 0 and --max-tokens >= 2 (decode speed needs 2 tokens)")
     for a in artifacts:
@@ -148,8 +154,8 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
     from pocketvlm.prompt import check_image_size
 
     sizes = [check_image_size(s) for s in image_sizes] if image_sizes else [None]
-    plan = (cloud_api.plan_cloud(cloud, path=providers_file, model=cloud_model, base_url=cloud_base_url, today=today)
-            if cloud else None)
+    plan = (cloud_api.plan_cloud(cloud, path=providers_file, model=cloud_model, base_url=cloud_base_url, today=today,
+                                 allow_plain_http=allow_plain_http) if cloud else None)
     # a malformed key is the user's to fix: one line now, not after the edge leg has run for minutes
     key = cloud_api.read_key((plan.call or plan.requested).key_env) if plan else None
     device = describe_device(device_label)
@@ -189,9 +195,10 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
                 bar.write(f"pocketvlm: {artifact}: {variant['error']}", file=sys.stderr)
         if plan:
             bar.set_description(f"cloud {plan.requested.id}")
+            said = []  # the failure as the terminal sees it: with the server's short, scrubbed message
             try:
                 block = cloud_leg(plan, images, question, runs, max_tokens, on_run=lambda _: bar.update(), key=key,
-                                  **(cloud_options or {}))
+                                  say=said.append, allow_plain_http=allow_plain_http, **(cloud_options or {}))
             except Exception as e:  # a bug: keep what the edge leg measured, then fail loudly
                 bar.close()
                 head = plan.prices(measured=False)[0].provider
@@ -209,7 +216,7 @@ def bench(artifacts: list[str], *, images_dir: Path | None = None, question: str
                                        f"API key and is not shown") from None
                 raise
             bar.update(per_leg - len(block["records"]))
-            for message in (*block["notes"], block.get("skipped"), block.get("error")):
+            for message in (*block["notes"], block.get("skipped"), *(said or [block.get("error")])):
                 if message:
                     bar.write(f"pocketvlm: cloud leg: {message}", file=sys.stderr)
             results["cloud"].append(block)

@@ -6,14 +6,17 @@ cloud leg uses it; a router that escalates single questions can too).
 The server is not trusted. Whatever it sends — a body that repeats the key in any encoding, an endless or dripping
 stream, JSON of the wrong shape, a redirect, gzip nobody asked for — ends in a result or in one CloudError line,
 never a traceback, and within the time and byte limits given. The key is checked before it goes into a header (a
-header cannot carry a newline or a space, and http.client's own error would print the header), and no text that
+header cannot carry a newline or a space, and http.client's own error would print the header), the base URL before
+anything connects (providers.check_base_url: plain http only to this machine unless allowed), and no text that
 came from the server leaves this module before Secret.scrub has looked for the key in it, decoded every way a
-server might have encoded it.
+server might have encoded it. Of a server's error, only a short message from the known JSON error fields is shown;
+CloudError.plain is the same line without it, for results files, which keep nothing the server wrote.
 """
 
 from __future__ import annotations
 
 import base64
+import codecs
 import datetime as dt
 import email.utils
 import html
@@ -33,8 +36,8 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
 from pocketvlm.errors import PocketVLMError
 
-from .providers import (CloudPlan, ImageRule, PricePoint, Provider, builtin_path, default_provider,  # noqa: F401
-                        describe_source, get_provider, load_catalog, load_providers, plan_cloud)
+from .providers import (CloudPlan, ImageRule, PricePoint, Provider, builtin_path, check_base_url,  # noqa: F401
+                        default_provider, describe_source, get_provider, load_catalog, load_providers, plan_cloud)
 
 MAX_ERROR_BODY = 64 * 1024          # bytes of a non-200 body read to find its message
 MAX_EVENT = 1024 * 1024             # one stream line
@@ -45,12 +48,21 @@ MESSAGE_CHARS = 200                 # of a server's error message, in our one li
 class CloudError(PocketVLMError):
     """The cloud request failed in a way the user should see (bad key, quota, outage, cut stream, bad server).
 
-    reason: a short machine-readable cause ("invalid_model", "not_found", "auth", "server", ...) for callers that
-    add advice of their own (the bench names --cloud-model)."""
+    reason: a short machine-readable cause ("invalid_model", "not_found", "auth", "server", "timeout", ...) for
+    callers that add advice of their own (the bench names --cloud-model, the router says the cloud timed out).
+    plain: the message in our own words only, without anything the server sent (its error message, a header's
+    value): what results files keep."""
 
-    def __init__(self, message: str, reason: str = "error"):
+    def __init__(self, message: str, reason: str = "error", plain: str | None = None):
         super().__init__(message)
         self.reason = reason
+        self.plain = message if plain is None else plain
+
+
+def _said(before: str, said: str, after: str, reason: str) -> CloudError:
+    """A CloudError whose line shows the server's words SAID (already scrubbed and short) between BEFORE and
+    AFTER, and whose plain form leaves them out."""
+    return CloudError(f"{before}{said}{after}", reason, plain=f"{before}{after}")
 
 
 @dataclass
@@ -68,7 +80,6 @@ class CloudResult:
 # ------------------------------------------------------------------------------------------------ the key
 
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space: all an HTTP header value can carry safely
-_URL_CHARS = _KEY_CHARS  # and all http.client takes in a request line without raising
 
 
 def check_key(raw: str | None, where: str = "the API key") -> str | None:
@@ -95,6 +106,42 @@ def read_key(key_env: str) -> str | None:
     return check_key(os.environ.get(key_env), f"${key_env}")
 
 
+_URLSAFE = str.maketrans("+/", "-_")
+_STANDARD = str.maketrans("-_", "+/")
+
+
+def _base64_cores(data: bytes) -> set[str]:
+    """What the base64 of any text holding DATA contains, whatever byte offset DATA starts at (3 cases): the
+    groups made of DATA's own bytes only, in the standard and the URL-safe alphabet."""
+    cores = set()
+    for skip in range(3):  # skip 0: DATA starts a group; 1 and 2: the bytes before it end mid-group
+        whole = data[skip:][:(len(data) - skip) // 3 * 3]
+        if whole:
+            core = base64.b64encode(whole).decode()
+            cores |= {core, core.translate(_URLSAFE)}
+    return cores
+
+
+def _unhex(text: str, shift: int) -> str:
+    """Runs of hex digits decoded (as Latin-1, a character a byte), starting SHIFT digits in."""
+    def decode(m):
+        run = m.group()[shift:]
+        return bytes.fromhex(run[:len(run) // 2 * 2]).decode("latin-1")
+    return re.sub(r"[0-9A-Fa-f]{8,}", decode, text)
+
+
+def _unbase64(text: str, shift: int) -> str:
+    """Runs of base64 (either alphabet) decoded (as Latin-1), starting SHIFT characters in: one of the 4 shifts
+    lines up with wherever the encoded text began."""
+    def decode(m):
+        run = m.group().rstrip("=")[shift:].translate(_STANDARD)
+        try:
+            return base64.b64decode(run[:len(run) // 4 * 4]).decode("latin-1")
+        except ValueError:
+            return m.group()
+    return re.sub(r"[A-Za-z0-9+/_-]{8,}=*", decode, text)
+
+
 class Secret:
     """Finds the key in text from the server, whatever the encoding, so no output ever carries it."""
 
@@ -107,8 +154,11 @@ class Secret:
             forms |= {k, escaped, escaped.replace("/", "\\/"), quote(k, safe=""), quote_plus(k), html.escape(k),
                       "".join(f"\\u{ord(c):04x}" for c in k), "".join(f"\\u{ord(c):04X}" for c in k),
                       base64.b64encode(k.encode()).decode(), base64.urlsafe_b64encode(k.encode()).decode(),
-                      base64.b64encode(f"Bearer {k}".encode()).decode()}
-        self.forms = sorted(forms, key=len, reverse=True)
+                      base64.b64encode(f"Bearer {k}".encode()).decode(),
+                      k[::-1], k.encode().hex(), k.encode().hex().upper(), codecs.encode(k, "rot13")}
+            forms |= _base64_cores(k.encode()) | _base64_cores(f"Bearer {k}".encode())
+        # a derived form too short to be told from ordinary text is left to leaks(), which withholds the whole text
+        self.forms = sorted((f for f in forms if f == k or len(f) >= 8), key=len, reverse=True)
         # a fragment this long of a long key counts as a leak too (a server that echoes half the key)
         self.window = max(12, len(k) // 2) if len(k) >= 16 else len(k)
 
@@ -128,6 +178,10 @@ class Secret:
         for decode in decoders:
             views.append(decode(text))
             chained = decode(chained)
+        # and the key written backwards, rot13'd, as hex or inside base64 at any offset, in the text and decoded
+        for view in (text, chained):
+            views += [view[::-1], codecs.encode(view, "rot13"), _unhex(view, 0), _unhex(view, 1),
+                      *(_unbase64(view, shift) for shift in range(4))]
         return views + [chained]
 
     def leaks(self, text: str) -> bool:
@@ -194,38 +248,37 @@ def _retry_after(value: str | None) -> float | None:
 
 def ask(provider: Provider, key: str | None, question: str, images: list[bytes], max_tokens: int, *,
         timeout: float = 60.0, stall_timeout: float = 30.0, total_timeout: float = 600.0, retries: int = 4,
-        max_wait: float = 60.0, max_bytes: int = MAX_STREAM, sleep=time.sleep) -> CloudResult:
+        max_wait: float = 60.0, max_bytes: int = MAX_STREAM, allow_plain_http: bool = False,
+        sleep=time.sleep) -> CloudResult:
     """One streamed completion, timed: retries with backoff on 429/5xx/connection errors (honouring
     Retry-After up to max_wait), one-line CloudError on everything else.
 
     timeout: connect, and each wait for the response head; stall_timeout: longest silence inside a stream;
     total_timeout: the whole call, retries and waits included (a server that drips a byte at a time never
-    stalls); max_bytes: the whole answer's size. `key` may be None (an endpoint without auth)."""
+    stalls); past it, reason "timeout". max_bytes: the whole answer's size. `key` may be None (an endpoint without
+    auth). allow_plain_http: http:// to a host other than this machine (see providers.check_base_url)."""
     try:
         key = check_key(key)
     except PocketVLMError as e:
         raise CloudError(str(e), "auth") from None
     secret = Secret(key)
+    withheld = f"{provider.name}: the request failed (the message contained the API key and is not shown)"
     try:
         return _ask(provider, key, secret, question, images, max_tokens, timeout=timeout,
                     stall_timeout=stall_timeout, total_timeout=total_timeout, retries=retries, max_wait=max_wait,
-                    max_bytes=max_bytes, sleep=sleep)
+                    max_bytes=max_bytes, allow_plain_http=allow_plain_http, sleep=sleep)
     except CloudError as e:
-        raise CloudError(secret.scrub(str(e), f"{provider.name}: the request failed (the message contained the API "
-                                              f"key and is not shown)"), e.reason) from None
+        raise CloudError(secret.scrub(str(e), withheld), e.reason, plain=secret.scrub(e.plain, withheld)) from None
 
 
 def _ask(provider, key, secret, question, images, max_tokens, *, timeout, stall_timeout, total_timeout, retries,
-         max_wait, max_bytes, sleep) -> CloudResult:
+         max_wait, max_bytes, allow_plain_http, sleep) -> CloudResult:
+    try:  # before anything connects: the same check the flags and the providers file had
+        check_base_url(provider.base_url, provider.url_from, allow_plain_http=allow_plain_http)
+    except PocketVLMError as e:
+        raise CloudError(str(e), "config") from None
     url = urlsplit(provider.base_url)
-    try:
-        port = url.port
-    except ValueError:
-        port = -1
-    if (not _URL_CHARS.fullmatch(provider.base_url) or url.scheme not in ("http", "https") or not url.hostname
-            or port == -1 or url.username or url.password or url.query or url.fragment):
-        raise CloudError(f"bad base URL for {provider.id or provider.name} (want http(s)://host[:port]/path, with no "
-                         f"credentials in it)", "config")
+    port = url.port
     path = (url.path.rstrip("/") or "") + "/chat/completions"
     body = json.dumps(build_payload(provider, question, images, max_tokens)).encode()
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
@@ -280,7 +333,7 @@ def _ask(provider, key, secret, question, images, max_tokens, *, timeout, stall_
     else:
         raise CloudError(f"{provider.name}: giving up after {retries + 1} attempts ({last})", "server")
     raise CloudError(f"{provider.name}: no complete answer within the total timeout ({total_timeout:g}s)"
-                     + (f"; last: {last}" if last else ""), "too_long")
+                     + (f"; last: {last}" if last else ""), "timeout")
 
 
 def _hang_up(line: dict, hung_up: threading.Event):
@@ -307,20 +360,22 @@ def _refuse(resp, provider: Provider, secret: Secret):
         raw = resp.read(MAX_ERROR_BODY)
     except (socket.timeout, TimeoutError, http.client.HTTPException, OSError):
         raw = b""
-    kind, message = _error_body(raw)
-    shown = f": {secret.scrub(message)}" if message else ""
+    kind, message = _error_body(raw, secret)
+    shown = f": {message}" if message else ""
     if kind == "invalid_model" or message.lower().startswith("invalid model"):
-        raise CloudError(f"{provider.name}: the API does not accept the model id {provider.model!r} "
-                         f"(HTTP {status}{shown}); it may be retired", "invalid_model")
+        raise _said(f"{provider.name}: the API does not accept the model id {provider.model!r} (HTTP {status}", shown,
+                    "); it may be retired", "invalid_model")
     if status == 404:
-        raise CloudError(f"{provider.name}: HTTP 404 for model {provider.model!r}{shown}: a retired model id (Mistral "
-                         f"answers those with 404) or a wrong base URL", "not_found")
-    raise CloudError(f"{provider.name} rejected the request (HTTP {status}{shown})", "rejected")
+        raise _said(f"{provider.name}: HTTP 404 for model {provider.model!r}", shown, ": a retired model id (Mistral "
+                    "answers those with 404) or a wrong base URL", "not_found")
+    raise _said(f"{provider.name} rejected the request (HTTP {status}", shown, ")", "rejected")
 
 
-def _error_body(raw: bytes) -> tuple[str, str]:
-    """(type, message) from an error body: only the message field of a JSON error, printable and short; a body
-    that is not a JSON error shows nothing of itself (an HTML page or a dump is no message)."""
+def _error_body(raw: bytes, secret: Secret) -> tuple[str, str]:
+    """(type, message) from an error body: only the message of a JSON error's known fields (message,
+    error.message, detail, error), printable, scrubbed of the key (before it is cut short: a cut could leave a
+    piece of the key no longer recognisable as one) and short; a body that is not a JSON error shows nothing of
+    itself (an HTML page or a dump is no message)."""
     try:
         data = json.loads(raw.decode("utf-8", errors="replace"))
     except ValueError:
@@ -331,7 +386,7 @@ def _error_body(raw: bytes) -> tuple[str, str]:
     kind = next((v for v in (data.get("type"), inner.get("type"), inner.get("code")) if isinstance(v, str)), "")
     message = next((v for v in (data.get("message"), inner.get("message"), data.get("detail"), data.get("error"))
                     if isinstance(v, str)), "")
-    return kind, _printable(message)[:MESSAGE_CHARS]
+    return kind, secret.scrub(_printable(message))[:MESSAGE_CHARS]
 
 
 def _printable(text: str) -> str:
@@ -399,9 +454,9 @@ def _event(payload: str, provider: Provider, secret: Secret) -> dict:
         raise CloudError(f"{provider.name} sent a malformed stream event (a JSON {type(chunk).__name__}, not an "
                          f"object)", "bad_answer")
     if chunk.get("object") == "error" or chunk.get("error"):  # an error reported inside the stream
-        _, message = _error_body(payload.encode())
-        shown = f": {secret.scrub(message)}" if message else ""
-        raise CloudError(f"{provider.name} reported an error in the stream{shown}", "server")
+        _, message = _error_body(payload.encode(), secret)
+        raise _said(f"{provider.name} reported an error in the stream", f": {message}" if message else "", "",
+                    "server")
     return chunk
 
 
@@ -414,7 +469,7 @@ def _lines(resp, deadline: float, max_bytes: int, provider: Provider):
     buf, total = b"", 0
     while True:
         if time.monotonic() > deadline:
-            raise CloudError(f"{provider.name}: the answer took longer than the total timeout", "too_long")
+            raise CloudError(f"{provider.name}: the answer took longer than the total timeout", "timeout")
         data = resp.read1(65536)
         if not data:
             if buf:
@@ -434,12 +489,12 @@ def _read_answer(resp, start: float, attempt: int, provider: Provider, secret: S
                  deadline: float, max_bytes: int) -> CloudResult:
     encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
     if encoding != "identity":
-        raise CloudError(f"{provider.name} sent a compressed answer ({_printable(encoding)[:20]}) though none was "
-                         f"asked for", "bad_answer")
+        raise _said(f"{provider.name} sent a compressed answer", f" ({secret.scrub(_printable(encoding))[:20]})",
+                    " though none was asked for", "bad_answer")
     ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
     if ctype not in ("", "text/event-stream", "application/json"):
-        raise CloudError(f"{provider.name} answered with {_printable(ctype)[:40]!r}, not an event stream",
-                         "bad_answer")
+        raise _said(f"{provider.name} answered with a content type that is not an event stream",
+                    f" ({secret.scrub(_printable(ctype))[:40]!r})", "", "bad_answer")
     text, first, usage, finished, model = [], None, (None, None), False, provider.model
     try:
         if ctype == "application/json":  # a server that ignored stream=true: one whole answer

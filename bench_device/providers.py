@@ -9,17 +9,80 @@ The data decides; this module only reads it: model ids, prices, dates and image-
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pocketvlm.errors import PocketVLMError
 
 SCHEMA = "pocketvlm.providers/2"
 DIALECTS = ("mistral", "openai")
+PLAIN_HTTP_FLAG = "--allow-plain-http"
+
+
+# ------------------------------------------------------------------------------------------------ base URLs
+
+_URL_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space: all http.client takes in a request line
+
+
+def is_loopback_host(host: str) -> bool:
+    """This machine: localhost, 127.0.0.0/8, ::1 (and ::ffff:127.x). A name other than localhost is not: what it
+    resolves to is not known until the connection, and the key would already be on its way."""
+    host = host.lower()
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def check_base_url(url, where: str, *, allow_plain_http: bool = False) -> str:
+    """URL as a provider's API base URL, or one PocketVLMError starting with WHERE (the flag, or the providers
+    file's field) -- the one check every base URL goes through: flags, providers files, and the client itself.
+
+    http(s)://host[:port]/path only: no credentials (a URL is shown and logged; the key has its own variable),
+    no query or fragment, a port that exists, nothing a request line cannot carry. And plain http:// only to this
+    machine: to any other host the Authorization header, the question and its images would cross the network
+    unencrypted, so that needs --allow-plain-http (a server of one's own on the LAN). The URL itself is never
+    echoed (it may hold a password)."""
+    def bad(problem: str) -> PocketVLMError:
+        return PocketVLMError(f"{where}: {problem}")
+
+    if not isinstance(url, str) or not url.strip():
+        raise bad("no URL given (want https://host[:port]/path)")
+    if not _URL_CHARS.fullmatch(url):
+        raise bad("the URL holds a space, a control or a non-ASCII character (percent-encode it)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise bad("not a usable URL (want https://host[:port]/path; a port from 1 to 65535)") from None
+    if not parts.scheme:
+        raise bad("no scheme: want https://host[:port]/path")
+    if parts.scheme not in ("http", "https"):
+        raise bad(f"{parts.scheme[:12]}:// is not supported; want https://host[:port]/path")
+    if parts.username is not None or parts.password is not None:
+        raise bad("the URL carries a user name or password; give the API key in the provider's environment "
+                  "variable, never in the URL")
+    if not parts.hostname:
+        raise bad("no host in the URL (want https://host[:port]/path)")
+    if port == 0:
+        raise bad("port 0 is not a port to connect to (want 1 to 65535)")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise bad("a base URL takes no ?query or #fragment")
+    if parts.scheme == "http" and not allow_plain_http and not is_loopback_host(parts.hostname):
+        raise bad(f"http:// to {parts.hostname[:80]} would send the API key, the question and its images "
+                  f"unencrypted; use https://, or pass {PLAIN_HTTP_FLAG} for a server of your own on your network")
+    return url
 
 
 @dataclass(frozen=True)
@@ -78,6 +141,7 @@ class Provider:
     successor: str | None = None    # model id
     lifecycle_source: str | None = None
     known: bool = True              # False: the model id is not in the price data (price borrowed, labelled)
+    url_from: str = "the base URL"  # where base_url came from (a flag, a providers file's field), for its errors
 
     def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
         return prompt_tokens * self.input_per_m / 1e6 + completion_tokens * self.output_per_m / 1e6
@@ -324,7 +388,11 @@ def _from_v2(raw: dict, where: str) -> Catalog:
         if dialect not in DIALECTS:
             raise _bad(where, f"endpoints.{name}.dialect must be one of {', '.join(DIALECTS)}")
         batch = e.sub("batch", optional=True)
-        endpoints[name] = {"base_url": e.text("base_url"), "dialect": dialect, "key_env": e.text("key_env"),
+        url_from = f"providers file {where}: endpoints.{name}.base_url"
+        # the form is checked here; whether plain http is allowed, when the URL is about to be called (plan_cloud)
+        base_url = check_base_url(e.text("base_url"), url_from, allow_plain_http=True)
+        endpoints[name] = {"base_url": base_url, "url_from": url_from, "dialect": dialect,
+                           "key_env": e.text("key_env"),
                            "batch_factor": batch.number("factor", positive=True) if batch else None,
                            "batch_source": describe_source(batch.get("source", optional=True)) if batch else None}
     models, api_names, any_id = {}, {}, set()
@@ -342,7 +410,8 @@ def _from_v2(raw: dict, where: str) -> Catalog:
         context = m.sub("context", optional=True)
         e = endpoints[endpoint]
         models[model_id] = Provider(
-            id="", name=m.text("name"), base_url=e["base_url"], dialect=e["dialect"], model=model_id,
+            id="", name=m.text("name"), base_url=e["base_url"], url_from=e["url_from"], dialect=e["dialect"],
+            model=model_id,
             key_env=e["key_env"], input_per_m=price.number("input_per_m"), output_per_m=price.number("output_per_m"),
             context=context.whole("tokens", optional=True) if context else None,
             price_date=price.date("as_of"), price_source=describe_source(price.get("source", optional=True)),
@@ -394,8 +463,10 @@ def _from_v1(raw: dict, where: str) -> Catalog:
             raise _bad(where, f"{name}.dialect must be one of {', '.join(DIALECTS)}")
         image = f.sub("image_tokens")
         model_id = f.text("model")
+        url_from = f"providers file {where}: {name}.base_url"
         models[model_id] = Provider(
-            id="", name=f.text("name"), base_url=f.text("base_url"), dialect=dialect, model=model_id,
+            id="", name=f.text("name"), base_url=check_base_url(f.text("base_url"), url_from, allow_plain_http=True),
+            url_from=url_from, dialect=dialect, model=model_id,
             key_env=f.text("key_env"), input_per_m=f.number("input_per_m"), output_per_m=f.number("output_per_m"),
             context=f.whole("context", optional=True), price_date=f.date("price_date"),
             price_source=f.text("price_source", optional=True) or "source unknown",
@@ -436,14 +507,16 @@ def _provider_name(catalog: Catalog, name: str | None) -> str:
 
 
 def get_provider(name: str | None, *, path: Path | str | None = None, model: str | None = None,
-                 base_url: str | None = None) -> Provider:
+                 base_url: str | None = None, base_url_flag: str = "--cloud-base-url") -> Provider:
     """The provider `name` (a --cloud name; None or 'default': the data's default), with --cloud-model and
-    --cloud-base-url applied. An overriding model id found in the data brings its own price and lifecycle."""
+    --cloud-base-url applied. An overriding model id found in the data brings its own price and lifecycle. The
+    URL is not checked here (plan_cloud and the client check it)."""
     catalog = load_catalog(path)
-    return _with_overrides(catalog, _provider_name(catalog, name), model, base_url)
+    return _with_overrides(catalog, _provider_name(catalog, name), model, base_url, base_url_flag)
 
 
-def _with_overrides(catalog: Catalog, name: str, model: str | None, base_url: str | None) -> Provider:
+def _with_overrides(catalog: Catalog, name: str, model: str | None, base_url: str | None,
+                    base_url_flag: str) -> Provider:
     p = _resolve(catalog, name)
     if model and model != p.model:
         known = catalog.api_names.get(model)
@@ -454,16 +527,20 @@ def _with_overrides(catalog: Catalog, name: str, model: str | None, base_url: st
         else:  # an id the data does not know: the listed model's price, labelled so wherever it is shown
             p = replace(p, model=model, known=False, released=None, deprecated=None, retired=None, successor=None,
                         lifecycle_source=None)
-    return replace(p, base_url=base_url) if base_url else p
+    return replace(p, base_url=base_url, url_from=base_url_flag) if base_url is not None else p
 
 
 def plan_cloud(name: str | None, *, path: Path | str | None = None, model: str | None = None,
-               base_url: str | None = None, today: dt.date | None = None) -> CloudPlan:
-    """What the cloud leg does on `today` (default: the run's own date, UTC)."""
+               base_url: str | None = None, today: dt.date | None = None, allow_plain_http: bool = False,
+               base_url_flag: str = "--cloud-base-url") -> CloudPlan:
+    """What the cloud leg does on `today` (default: the run's own date, UTC). The URL it would call is checked
+    (check_base_url, under the flag or the providers file's field it came from) before anything is called."""
     today = today or dt.datetime.now(dt.timezone.utc).date()
+    if base_url is not None:
+        check_base_url(base_url, base_url_flag, allow_plain_http=allow_plain_http)
     catalog = load_catalog(path)
     name = _provider_name(catalog, name)
-    requested = _with_overrides(catalog, name, model, base_url)
+    requested = _with_overrides(catalog, name, model, base_url, base_url_flag)
     entry = catalog.providers[name]
     plan = CloudPlan(requested=requested, call=requested, today=today, override=bool(model))
     status = requested.status(today)
@@ -474,7 +551,7 @@ def plan_cloud(name: str | None, *, path: Path | str | None = None, model: str |
             plan.notes.append(f"--cloud-model {model}: the price data says {requested.name} was retired on "
                               f"{requested.retired}; sending it as asked")
         else:
-            plan.call = _callable_successor(catalog, requested, today, base_url)
+            plan.call = _callable_successor(catalog, requested, today, base_url, base_url_flag)
             if plan.call is None:
                 plan.notes.append(f"{requested.name} ({requested.model}) was retired on {requested.retired} and the "
                                   f"price data names no callable successor; pass --cloud-model with a current id")
@@ -491,14 +568,17 @@ def plan_cloud(name: str | None, *, path: Path | str | None = None, model: str |
     compare = entry.get("compare_with")
     if compare:
         plan.compare.append(replace(catalog.models[compare], id=name))
+    if plan.call is not None:  # a providers file's URL too: plain http to another host only when allowed
+        check_base_url(plan.call.base_url, plan.call.url_from, allow_plain_http=allow_plain_http)
     return plan
 
 
-def _callable_successor(catalog: Catalog, p: Provider, today: dt.date, base_url: str | None) -> Provider | None:
+def _callable_successor(catalog: Catalog, p: Provider, today: dt.date, base_url: str | None,
+                        base_url_flag: str) -> Provider | None:
     seen = {p.model}
     while p.successor and p.successor not in seen:
         p = catalog.models[p.successor]
         seen.add(p.model)
         if p.status(today) != "retired":
-            return replace(p, base_url=base_url) if base_url else p
+            return replace(p, base_url=base_url, url_from=base_url_flag) if base_url is not None else p
     return None

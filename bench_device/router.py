@@ -6,6 +6,11 @@ threshold then routes the questions whose device confidence is below it to the c
 accuracy, share escalated, $ per 1k queries, p50/p95 latency. The report names the threshold that reaches a target
 accuracy at least cost, how well each confidence statistic separates the device's right answers from its wrong ones
 (AUROC), and whether escalated questions are the ones the device gets wrong more often than the kept ones.
+
+A cloud that fails (after the client's own retries, or past --fallback-timeout) is asked nothing more; every
+question is still answered on the device, and results.json and report.md keep those answers and say the cloud leg
+failed (in our own words: results files keep nothing a server wrote). Without the cloud's answers there is no
+sweep; the CLI then exits 2 with one line.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 def measure(model: str, fallback, samples, *, max_tokens: int = 8, threads: int | None = None,
-            image_size: int | None = None, progress: bool = True, ask=None) -> list[dict]:
-    """One row per sample: the device's answer and every confidence statistic, and the cloud's answer."""
+            image_size: int | None = None, progress: bool = True, ask=None) -> tuple[list[dict], str | None]:
+    """One row per sample: the device's answer and every confidence statistic, and the cloud's answer; and the
+    cloud's failure (CloudError.plain), None when it answered every question. After a failure the cloud is not
+    asked again (a dead endpoint would cost the timeout per question), and the rows left have no cloud fields."""
     from tqdm import tqdm
 
     from pocketvlm.evaluate import is_correct
@@ -52,7 +59,7 @@ def measure(model: str, fallback, samples, *, max_tokens: int = 8, threads: int 
     backend = open_backend(model, threads=threads, image_size=image_size)
     eos = backend.processor.eos_token_ids
     provider = fallback.provider
-    rows = []
+    rows, failed = [], None
     for s in tqdm(samples, desc="router sweep", unit="q", disable=not progress, file=sys.stderr):
         device = backend.run(s.request, max_tokens)
         probs = answer_probs(device.token_ids, device.token_probs, eos)
@@ -60,15 +67,21 @@ def measure(model: str, fallback, samples, *, max_tokens: int = 8, threads: int 
                "device_answer": device.answer, "device_correct": is_correct(device.answer, s.answer),
                "device_s": device.timings.total_s,
                "confidence": {name: (float(f(probs)) if probs else 0.0) for name, f in STATISTICS.items()}}
-        reply = ask(provider, fallback.key, s.request.question, [_png(i) for i in s.request.images or []],
-                    max_tokens)
+        rows.append(row)
+        if failed:
+            continue
+        try:
+            reply = ask(provider, fallback.key, s.request.question, [_png(i) for i in s.request.images or []],
+                        max_tokens, **fallback.ask_options())
+        except cloud_api.CloudError as e:
+            failed = e.plain
+            continue
         row.update(cloud_answer=reply.text.strip(), cloud_correct=is_correct(reply.text, s.answer),
                    cloud_s=reply.total_s,
                    cloud_cost_usd=(provider.cost(reply.prompt_tokens, reply.completion_tokens)
                                    if reply.prompt_tokens is not None and reply.completion_tokens is not None
                                    else None))
-        rows.append(row)
-    return rows
+    return rows, failed
 
 
 def sweep(rows: list[dict], thresholds, statistic: str, target_accuracy: float | None) -> dict:
@@ -95,20 +108,31 @@ def separation(rows: list[dict]) -> dict:
     return {name: auroc([r["confidence"][name] for r in rows], right) for name in rows[0]["confidence"]}
 
 
+def _separation_lines(results: dict) -> list[str]:
+    lines = ["", "Confidence statistics (AUROC: how well each separates the device's right answers from its wrong "
+                 "ones; 0.5 is chance):", ""]
+    return lines + [f"- `{name}`: {('–' if v is None else f'{v:.3f}')}" for name, v in results["separation"].items()]
+
+
 def markdown(results: dict) -> str:
     s = results["sweep"]
-    lines = [f"# Router sweep: {results['model']} on the device, {results['fallback']} when unsure", "",
-             f"{results['questions']} labelled questions ({results['samples']}); confidence = the `{s['statistic']}` "
-             f"of the answer tokens' probabilities. Device alone: {100 * results['device_accuracy']:.1f}% · "
-             f"cloud alone: {100 * results['cloud_accuracy']:.1f}%.", "",
+    title = f"# Router sweep: {report.md(results['model'])} on the device, {report.md(results['fallback'])} when unsure"
+    if s is None:  # the cloud leg failed: the device's answers only
+        return "\n".join([title, "", f"{results['questions']} labelled questions ({report.md(results['samples'])}). "
+                          f"Device alone: {100 * results['device_accuracy']:.1f}%.", "",
+                          f"**The cloud leg failed** ({report.md(results['cloud_error'])}): no threshold sweep "
+                          f"without the cloud's answers. The device's answers and confidences are in results.json.",
+                          *_separation_lines(results)]) + "\n"
+    lines = [title, "",
+             f"{results['questions']} labelled questions ({report.md(results['samples'])}); confidence = the "
+             f"`{s['statistic']}` of the answer tokens' probabilities. Device alone: "
+             f"{100 * results['device_accuracy']:.1f}% · cloud alone: {100 * results['cloud_accuracy']:.1f}%.", "",
              "| min confidence | accuracy | escalated | $ / 1k queries | p50 s | p95 s |", "|---|---|---|---|---|---|"]
     for r in s["table"]:
         mark = " **(best)**" if s["best"] and s["best"]["threshold"] == r["threshold"] else ""
         lines.append(f"| {r['threshold']:g}{mark} | {100 * r['accuracy']:.1f}% | {100 * r['escalated']:.1f}% | "
                      f"{r['usd_per_1k']:.4f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} |")
-    lines += ["", "Confidence statistics (AUROC: how well each separates the device's right answers from its wrong "
-                  "ones; 0.5 is chance):", ""]
-    lines += [f"- `{name}`: {('–' if v is None else f'{v:.3f}')}" for name, v in results["separation"].items()]
+    lines += _separation_lines(results)
     best = s["best"]
     lines += ["", (f"Least cost reaching {100 * s['target_accuracy']:.0f}%: min confidence {best['threshold']:g} "
                    f"({100 * best['accuracy']:.1f}%, {100 * best['escalated']:.1f}% escalated, "
@@ -124,6 +148,8 @@ def plot(results: dict, out: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ModuleNotFoundError:
+        return None
+    if results["sweep"] is None:  # no cloud answers: nothing to plot against cost
         return None
     table = results["sweep"]["table"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -158,13 +184,14 @@ def run(model: str, fallback, *, samples_file: Path | None = None, thresholds=DE
     inputs = [model, path, *dict.fromkeys(p for s in samples for p in s.image_paths)]
     if out:
         report.check_out(out, force=force, inputs=inputs)
-    rows = measure(model, fallback, samples, max_tokens=max_tokens, threads=threads, image_size=image_size,
-                   progress=progress, ask=ask)
+    rows, failed = measure(model, fallback, samples, max_tokens=max_tokens, threads=threads, image_size=image_size,
+                           progress=progress, ask=ask)
     results = {"schema": "pocketvlm.router/1", "model": str(model), "fallback": fallback.provider.model,
                "fallback_url": fallback.provider.base_url, "samples": str(path), "questions": len(rows),
                "device_accuracy": sum(r["device_correct"] for r in rows) / len(rows),
-               "cloud_accuracy": sum(r["cloud_correct"] for r in rows) / len(rows),
-               "sweep": sweep(rows, thresholds, DEFAULT_STATISTIC, target_accuracy),
+               "cloud_error": failed,
+               "cloud_accuracy": None if failed else sum(r["cloud_correct"] for r in rows) / len(rows),
+               "sweep": None if failed else sweep(rows, thresholds, DEFAULT_STATISTIC, target_accuracy),
                "separation": separation(rows), "rows": rows}
     if out:
         report.write_folder(out, results, markdown(results), lambda folder: plot(results, folder), force=force,
@@ -176,5 +203,7 @@ def error_rates(rows: list[dict], threshold: float, statistic: str) -> tuple[flo
     """The device's error rate among the questions a threshold escalates, and among those it keeps."""
     esc = [not r["device_correct"] for r in rows if r["confidence"][statistic] < threshold]
     kept = [not r["device_correct"] for r in rows if r["confidence"][statistic] >= threshold]
-    rate = (lambda xs: sum(xs) / len(xs) if xs else None)
+    def rate(xs):
+        return sum(xs) / len(xs) if xs else None
+
     return rate(esc), rate(kept)

@@ -74,8 +74,19 @@ def confidence_arg(text: str) -> float:
     return _checked(text, float, check_min_confidence, "a number from 0 to 1")
 
 
+def fallback_timeout_arg(text: str) -> float:
+    from .router import check_fallback_timeout
+
+    return _checked(text, float, check_fallback_timeout, "a number of seconds")
+
+
+PLAIN_HTTP_HELP = ("allow an http:// base URL to a host other than this machine (a server of your own on your "
+                   "network): the API key, the questions and the images then cross the network unencrypted. "
+                   "Without it, http:// is refused except to localhost, 127.0.0.0/8 and ::1")
+
+
 def add_fallback_arguments(p) -> None:
-    """The router's flags (ask and serve): on the device first, a cloud API only for unsure answers."""
+    """The router's flags (ask, serve, bench router): on the device first, a cloud API only for unsure answers."""
     g = p.add_argument_group("cloud fallback (opt-in: nothing leaves this machine without --fallback)")
     g.add_argument("--fallback", metavar="PROVIDER",
                    help="send a question the device is unsure about to this provider from the price data "
@@ -85,7 +96,12 @@ def add_fallback_arguments(p) -> None:
                         "probability) is below X: 0 never escalates, 1 always (default 0.5)")
     g.add_argument("--fallback-model", metavar="ID", help="the provider's model id to call, as given")
     g.add_argument("--fallback-base-url", metavar="URL", help="the provider's API base URL (e.g. another "
-                                                                 "pocketvlm serve)")
+                                                                 "pocketvlm serve); https://, or http:// to this "
+                                                                 "machine (see --allow-plain-http)")
+    g.add_argument("--fallback-timeout", type=fallback_timeout_arg, metavar="SECONDS",
+                   help="the longest the whole cloud call may take, retries and a slow answer included; past it "
+                        "the device's answer is given (default 60, at most 600)")
+    g.add_argument("--allow-plain-http", action="store_true", help=PLAIN_HTTP_HELP)
     g.add_argument("--providers", type=path_arg,
                    metavar="FILE", help="a providers JSON file instead of the built-in price data")
     g.add_argument("--no-cloud", action="store_true",
@@ -104,7 +120,7 @@ def _make_model(args) -> int:
 def _ask(args) -> int:
     from .media import check_file, load_video, open_image
     from .prompt import Request
-    from .router import Fallback, log_line, route
+    from .router import Fallback, for_terminal, log_line, route
     from .runtime import open_backend
 
     if args.max_tokens < 1:
@@ -114,7 +130,8 @@ def _ask(args) -> int:
     # every refusal before the (slow) model load: a typo in an image path or a fallback that cannot work
     fallback = Fallback.configure(args.fallback, model=args.fallback_model, base_url=args.fallback_base_url,
                                   providers_file=args.providers, min_confidence=args.min_confidence,
-                                  no_cloud=args.no_cloud)
+                                  no_cloud=args.no_cloud, timeout=args.fallback_timeout,
+                                  allow_plain_http=args.allow_plain_http)
     images = [open_image(p) for p in args.image]
     if args.video:
         check_file(args.video, "a video")
@@ -147,8 +164,8 @@ def _ask(args) -> int:
         print(dumps({"model": str(args.model), **result.to_json(),
                      **({"answer": routed.answer, **routed.to_json()} if routed else {})}))
         return 0
-    if not streaming:
-        sys.stdout.write(routed.answer)
+    if not streaming:  # the answer may be a server's text: nothing in it may steer the terminal
+        sys.stdout.write(for_terminal(routed.answer))
     print()
     t = result.timings
     parts = [f"{result.backend} {result.quant}", f"load {t.load_s:.2f}s"]
@@ -207,7 +224,8 @@ def _bench(args) -> int:
     results = bench(args.targets, images_dir=Path(args.images) if args.images else None, question=args.question,
                     runs=args.runs, warmup=args.warmup, max_tokens=args.max_tokens,
                     cloud=None if args.cloud == "none" else args.cloud, cloud_model=args.cloud_model,
-                    cloud_base_url=args.cloud_base_url, providers_file=args.providers, power_w=args.power_w,
+                    cloud_base_url=args.cloud_base_url, allow_plain_http=args.allow_plain_http,
+                    providers_file=args.providers, power_w=args.power_w,
                     kwh_price=args.kwh_price, device_cost=args.device_cost, amortize_months=args.amortize_months,
                     out=Path(args.out) if args.out else None, with_plots=not args.no_plots,
                     device_label=args.device_label, threads=args.threads, progress=not args.quiet,
@@ -227,7 +245,8 @@ def _bench_router(args) -> int:
     if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
         raise PocketVLMError(f"--target-accuracy {args.target_accuracy}: give a share from 0 to 1")
     fallback = Fallback.configure(args.fallback, model=args.fallback_model, base_url=args.fallback_base_url,
-                                  providers_file=args.providers, no_cloud=args.no_cloud)
+                                  providers_file=args.providers, no_cloud=args.no_cloud,
+                                  timeout=args.fallback_timeout, allow_plain_http=args.allow_plain_http)
     thresholds = sweep.DEFAULT_THRESHOLDS
     if args.thresholds:
         from pocketvlm.router import check_min_confidence
@@ -242,6 +261,10 @@ def _bench_router(args) -> int:
                         out=Path(args.out) if args.out else None, threads=args.threads,
                         image_size=args.image_size, progress=not args.quiet, force=args.force)
     print(sweep.markdown(results))
+    if results["cloud_error"]:  # the device's answers are kept (README), but there is no sweep to report
+        kept = f"; the device's answers are kept in {args.out}/results.json" if args.out else ""
+        raise PocketVLMError(f"bench router: the cloud leg failed ({results['cloud_error']}), so there is no "
+                             f"threshold sweep{kept}")
     if args.out:
         print(f"wrote {args.out}/results.json, report.md, router.png", file=sys.stderr)
     return 0
@@ -458,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud", default="default", help=CLOUD_HELP)
     p.add_argument("--cloud-model", help="send this model id as given, never swapped for a successor; an id in the "
                                          "price data brings its own price and lifecycle (e.g. mistral-medium-3-5)")
-    p.add_argument("--cloud-base-url", help="override the provider's API base URL")
+    p.add_argument("--cloud-base-url", metavar="URL",
+                   help="override the provider's API base URL: https://, or http:// to this machine (see "
+                        "--allow-plain-http)")
+    p.add_argument("--allow-plain-http", action="store_true", help=PLAIN_HTTP_HELP)
     p.add_argument("--providers", type=path_arg,
                    help="a providers JSON file (schema pocketvlm.providers/2; start from a copy of "
                                        "pocketvlm/data/providers.json)")

@@ -15,13 +15,16 @@ What it guarantees to a client, whatever it sends: a JSON error with the right s
 (400 bad JSON or fields, 401 key, 403 Host/Origin, 404 route, 405 method, 408 too slow, 411 no length, 413 too
 large a body or too many pixels, 414/431 head too large, 501 transfer coding, 503 too many connections), and a
 connection that stays usable afterwards or is closed cleanly. Images are sized from their headers and held to a
-per-request pixel budget before any decoding, and decoded under the same lock as inference.
+per-request pixel budget before any decoding, and decoded under the same lock as inference; the question's length
+in characters is held to what the model's context could ever take before anything is tokenized. With a fallback,
+the lock covers the device step only: the cloud call (up to --fallback-timeout) waits outside it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import os
@@ -77,14 +80,22 @@ class Limits:
     pixel_budget: int = media.MIN_PIXEL_BUDGET
     max_images: int = 64
     context_length: int | None = None  # max_tokens is capped to it: decoding stops at the context anyway
+    max_text_chars: int | None = None  # the question's characters; None: no limit
 
     @classmethod
     def for_backend(cls, backend: "Backend", pixel_budget: int | None = None) -> "Limits":
         cfg = backend.processor.config
         # the fewest tokens an image costs: its global tile (no splitting) between two markers
         per_image = cfg.image_seq_len + 3
+        # A token stands for at most as many characters as its vocabulary entry is long (a byte-level entry holds
+        # one character per byte, a character is at least a byte), so a question longer than the context times
+        # the longest entry cannot fit whatever it says: refused by its length, before the tokenizer (seconds on
+        # megabytes, under the model lock) ever sees it.
+        vocab = backend.processor.tokenizer.get_vocab(with_added_tokens=True)
+        longest = max(map(len, vocab), default=1)
         return cls(pixel_budget=pixel_budget or media.default_pixel_budget(cfg.longest_edge),
-                   max_images=max(1, cfg.context_length // per_image), context_length=cfg.context_length)
+                   max_images=max(1, cfg.context_length // per_image), context_length=cfg.context_length,
+                   max_text_chars=cfg.context_length * longest)
 
 
 @dataclass
@@ -151,7 +162,7 @@ def parse_request(body: object, limits: Limits = Limits()) -> ChatCall:
         parts = content
     else:
         raise BadRequest(f"{where} must be a string or a list of parts, not {_show(content)}")
-    texts, images, pixels = [], [], 0
+    texts, images, pixels, chars = [], [], 0, 0
     for j, part in enumerate(parts):
         here = f"{where}[{j}]"
         if not isinstance(part, dict):
@@ -161,6 +172,11 @@ def parse_request(body: object, limits: Limits = Limits()) -> ChatCall:
             text = part.get("text")
             if not isinstance(text, str):
                 raise BadRequest(f"{here}.text must be a string, not {_show(text)}")
+            chars += len(text)
+            if limits.max_text_chars is not None and chars > limits.max_text_chars:
+                raise PayloadTooLarge(f"the question is over {limits.max_text_chars:,} characters, more than this "
+                                      f"model's context ({limits.context_length} tokens) can hold; send a shorter "
+                                      f"one")
             texts.append(text)
         elif kind == "image_url":
             if len(images) == limits.max_images:
@@ -278,17 +294,18 @@ def decode_images(call: ChatCall) -> list:
 
 
 def answer(backend: "Backend", call: ChatCall, on_text: Callable[[str], None] | None = None,
-           fallback=None, log: Callable[[str], None] | None = None) -> Answer:
-    """Decode the images and run the backend: call it under the server's concurrency bound (it costs memory
-    and compute). on_text gets the answer as it streams, leading space removed. User errors (a prompt longer
-    than the context, an image PIL cannot decode) raise PocketVLMError before on_text is first called.
+           fallback=None, log: Callable[[str], None] | None = None, lock=None) -> Answer:
+    """Decode the images and run the backend, holding LOCK (the server's one model lock: decoding and inference
+    cost memory and compute). on_text gets the answer as it streams, leading space removed. User errors (a prompt
+    longer than the context, an image PIL cannot decode) raise PocketVLMError before on_text is first called.
 
     With a fallback (pocketvlm.router), the device answers first and an unsure answer is sent to the cloud; the
-    answer is known only then, so on_text gets it whole, once."""
+    answer is known only then, so on_text gets it whole, once. Only the device step holds LOCK: a cloud that is
+    slow or silent (up to --fallback-timeout) must not hold up every other client."""
     from pocketvlm.prompt import Request
-    from pocketvlm.router import log_line, route
+    from pocketvlm.router import Escalation, escalate, log_line, on_device
 
-    request = Request(call.question, images=decode_images(call))
+    lock = lock if lock is not None else contextlib.nullcontext()
     cfg = backend.processor.config
     max_tokens = min(call.max_tokens, cfg.context_length)
     started = False
@@ -303,12 +320,16 @@ def answer(backend: "Backend", call: ChatCall, on_text: Callable[[str], None] | 
             on_text(piece)
 
     if fallback is None:
-        result = backend.run(request, max_tokens, on_step=on_step if on_text else None)
+        with lock:
+            request = Request(call.question, images=decode_images(call))
+            result = backend.run(request, max_tokens, on_step=on_step if on_text else None)
         ended = bool(result.token_ids) and result.token_ids[-1] in backend.processor.eos_token_ids
         return Answer(result.answer, result.prompt_tokens, len(result.token_ids), "stop" if ended else "length")
-    routed = route(backend, request, max_tokens, fallback)
+    with lock:  # the device step: decoding, inference, and the PNGs the cloud would be sent
+        step = on_device(backend, Request(call.question, images=decode_images(call)), max_tokens, fallback)
+    routed = escalate(step, fallback, max_tokens) if isinstance(step, Escalation) else step
     if log:
-        log(log_line(routed, len(request.images or [])))
+        log(log_line(routed, len(call.images)))
     result = routed.device
     ended = bool(result.token_ids) and result.token_ids[-1] in backend.processor.eos_token_ids
     finish = "stop" if ended or routed.route == "cloud" else "length"
@@ -359,8 +380,7 @@ class ChatService:
         return parse_request(body, self.limits)
 
     def answer(self, call: ChatCall, on_text: Callable[[str], None] | None = None) -> Answer:
-        with self.lock:
-            return answer(self.backend, call, on_text, self.fallback, self.log)
+        return answer(self.backend, call, on_text, self.fallback, self.log, lock=self.lock)
 
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "owned_by": "pocketvlm"}
@@ -717,7 +737,9 @@ def main(args) -> int:
                                   base_url=getattr(args, "fallback_base_url", None),
                                   providers_file=getattr(args, "providers", None),
                                   min_confidence=getattr(args, "min_confidence", None),
-                                  no_cloud=getattr(args, "no_cloud", False))
+                                  no_cloud=getattr(args, "no_cloud", False),
+                                  timeout=getattr(args, "fallback_timeout", None),
+                                  allow_plain_http=getattr(args, "allow_plain_http", False))
 
     backend = open_backend(args.model, threads=getattr(args, "threads", None), torch_free=True,
                            image_size=getattr(args, "image_size", None), adapter=getattr(args, "adapter", None))

@@ -8,10 +8,12 @@ a redirect, a gzip bomb). Only 127.0.0.1; every server is closed by the test tha
 from __future__ import annotations
 
 import base64
+import binascii
 import html
 import json
 import re
 import socketserver
+import string
 import threading
 import unicodedata
 from dataclasses import dataclass, field
@@ -146,19 +148,72 @@ def mistral(key: str, models: set[str], *, answer: str = "A red circle on noise.
 
 # ------------------------------------------------------------------------------------------------ leaks
 
+_ROT13 = str.maketrans(string.ascii_lowercase + string.ascii_uppercase,
+                       string.ascii_lowercase[13:] + string.ascii_lowercase[:13]
+                       + string.ascii_uppercase[13:] + string.ascii_uppercase[:13])
+
+
+def rot13(text: str) -> str:
+    return text.translate(_ROT13)
+
+
+def base64_inside(data: bytes, offset: int) -> str:
+    """The characters of base64(anything + DATA + anything) that DATA alone decides, DATA starting OFFSET bytes
+    into the encoded text: found by encoding it between two different fillers and keeping what both agree on."""
+    a = base64.b64encode(b"\x00" * offset + data + b"\x00\x00").decode()
+    b = base64.b64encode(b"\xff" * offset + data + b"\xff\xff").decode()
+    same = [i for i in range(len(a)) if a[i] == b[i]]
+    start = same[0]
+    end = start
+    while end + 1 < len(a) and a[end + 1] == b[end + 1]:
+        end += 1
+    return a[start:end + 1]
+
+
 def key_forms(key: str) -> set[str]:
     """The key as it could appear in an output: raw, JSON-escaped (with and without \\/ and \\uXXXX), URL-encoded,
-    HTML-escaped, base64 (and of the header value). Written here, apart from the code under test."""
+    HTML-escaped, base64 (whole, of the header value, and inside other text at each of the 3 byte offsets),
+    hex (lower and upper case), reversed, rot13. Written here, apart from the code under test."""
     forms = {key, json.dumps(key)[1:-1], json.dumps(key)[1:-1].replace("/", "\\/"), quote(key, safe=""),
              quote_plus(key), html.escape(key), base64.b64encode(key.encode()).decode(),
              base64.b64encode(f"Bearer {key}".encode()).decode(),
-             "".join(f"\\u{ord(c):04x}" for c in key), "".join(f"\\u{ord(c):04X}" for c in key)}
+             "".join(f"\\u{ord(c):04x}" for c in key), "".join(f"\\u{ord(c):04X}" for c in key),
+             binascii.hexlify(key.encode()).decode(), binascii.hexlify(key.encode()).decode().upper(),
+             "".join(reversed(key)), rot13(key)}
+    for offset in range(3):
+        inside = base64_inside(key.encode(), offset)
+        forms |= {inside, inside.replace("+", "-").replace("/", "_")}
     return {f for f in forms if len(f) >= 6}
+
+
+def _hex_runs(text: str) -> list[str]:
+    """Every run of 8+ hex digits decoded, from its first digit and from its second."""
+    out = []
+    for run in re.findall(r"[0-9a-fA-F]{8,}", text):
+        for start in (0, 1):
+            digits = run[start:]
+            out.append(binascii.unhexlify(digits[:len(digits) - len(digits) % 2]).decode("latin-1"))
+    return out
+
+
+def _base64_runs(text: str) -> list[str]:
+    """Every run of 8+ base64 characters (either alphabet) decoded, from each of its first 4 characters."""
+    out = []
+    for run in re.findall(r"[A-Za-z0-9+/_-]{8,}", text):
+        run = run.replace("-", "+").replace("_", "/")
+        for start in range(4):
+            chars = run[start:]
+            try:
+                out.append(base64.b64decode(chars[:len(chars) - len(chars) % 4]).decode("latin-1"))
+            except binascii.Error:
+                pass
+    return out
 
 
 def _decoded(text: str) -> list[str]:
     """The text as a reader could decode it: JSON escapes, percent-encoding, HTML entities, width forms, and
-    invisible characters dropped, each alone and all in a row."""
+    invisible characters dropped, each alone and all in a row; and that backwards, rot13'd, and its hex and base64
+    runs decoded."""
     def json_escapes(s):
         return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), s).replace("\\/", "/")
 
@@ -170,7 +225,10 @@ def _decoded(text: str) -> list[str]:
     for step in steps:
         views.append(step(text))
         chained = step(chained)
-    return views + [chained]
+    views.append(chained)
+    for view in (text, chained):
+        views += ["".join(reversed(view)), rot13(view), *_hex_runs(view), *_base64_runs(view)]
+    return views
 
 
 def assert_no_secret(key: str, *texts: str | bytes):

@@ -10,6 +10,7 @@ JSON-escaped (\\/), URL-encoded and raw forms all differ.
 from __future__ import annotations
 
 import base64
+import codecs
 import functools
 import gzip
 import html
@@ -100,6 +101,18 @@ ECHOES = {
     "in the type": json.dumps({"message": "nope", "type": KEY}),
     "in a huge message": json.dumps({"message": "x" * 100_000 + KEY}),
     "as the whole body, not JSON": f"Authorization: Bearer {KEY}",
+    # issue 31: forms a reader can still undo
+    "reversed": json.dumps({"message": f"bad key {KEY[::-1]}"}),
+    "hex": json.dumps({"message": f"bad key {KEY.encode().hex()}"}),
+    "hex upper case": json.dumps({"message": f"bad key {KEY.encode().hex().upper()}"}),
+    "rot13": json.dumps({"message": f"bad key {codecs.encode(KEY, 'rot13')}"}),
+    "base64 at offset 1": json.dumps({"message": base64.b64encode(f"k{KEY}.".encode()).decode()}),
+    "base64 at offset 2": json.dumps({"message": base64.b64encode(f"k={KEY}".encode()).decode()}),
+    "url-safe base64 at offset 1": json.dumps({"message": "t=" + base64.urlsafe_b64encode(f"~{KEY}".encode())
+                                               .decode()}),
+    "base64 after base64-like text": json.dumps({"message": "tokenA" + base64.b64encode(f"xy{KEY}".encode())
+                                                 .decode()}),
+    "hex after a hex digit": json.dumps({"message": "id=a" + KEY.encode().hex()}),
 }
 
 
@@ -146,7 +159,8 @@ def test_key_in_the_streamed_answer_is_redacted(hostile, encoded):
     assert_no_secret(KEY, repr(result))
 
 
-@pytest.mark.parametrize("encoded", ["".join(f"%{ord(c):02x}" for c in KEY), "&#" + ";&#".join(str(ord(c)) for c in KEY) + ";"])
+@pytest.mark.parametrize("encoded", ["".join(f"%{ord(c):02x}" for c in KEY),
+                                     "&#" + ";&#".join(str(ord(c)) for c in KEY) + ";"])
 def test_key_encoded_in_the_answer_fails_the_answer(hostile, encoded):
     _, provider = hostile(lambda req, out, n: ok_stream(out, _content(encoded)))
     assert one_line_error(provider).reason == "bad_answer"
@@ -164,7 +178,8 @@ def test_key_as_the_model_name_or_in_an_error_event_never_shows(hostile):
 # ------------------------------------------------------------------------------------------------ malformed keys
 
 @pytest.mark.parametrize("bad", [f"{KEY[:8]} {KEY[8:]}", f"{KEY[:8]}\t{KEY[8:]}", f"{KEY[:8]}\n{KEY[8:]}",
-                                 f"{KEY}\x00", f"{KEY}\x7f", f"{KEY}é", f"{KEY[:8]}\u2028{KEY[8:]}", f"{KEY[:8]}\r\nX-Evil: 1"])
+                                 f"{KEY}\x00", f"{KEY}\x7f", f"{KEY}é", f"{KEY[:8]}\u2028{KEY[8:]}",
+                                 f"{KEY[:8]}\r\nX-Evil: 1"])
 def test_a_key_a_header_cannot_carry_is_one_line_and_is_never_sent(hostile, bad):
     server, provider = hostile(lambda req, out, n: ok_stream(out))
     err = one_line_error(provider, key=bad)
@@ -330,7 +345,8 @@ def test_a_malformed_stream_event_is_one_line(hostile, bad):
 
 
 def test_bad_utf8_is_replaced_not_fatal(hostile):
-    _, provider = hostile(lambda req, out, n: ok_stream(out, event(b'{"choices": [{"delta": {"content": "caf\xe9 \xff\xfe"}}]}')))
+    bad = b'{"choices": [{"delta": {"content": "caf\xe9 \xff\xfe"}}]}'
+    _, provider = hostile(lambda req, out, n: ok_stream(out, event(bad)))
     result = ask(provider, KEY, "q", [], 4)
     assert result.text.startswith("Hellocaf\ufffd") and result.completion_tokens == 1
 
@@ -375,7 +391,7 @@ def test_a_slow_drip_stops_at_the_total_timeout(hostile):
 
     _, provider = hostile(behave)
     err = one_line_error(provider, stall_timeout=5.0, total_timeout=0.5)
-    assert "total timeout" in str(err) and err.reason == "too_long"
+    assert "total timeout" in str(err) and err.reason == "timeout"  # time, not size ("too_long")
 
 
 @pytest.mark.parametrize("head", ["endless 100 Continue", "a dripped status line", "dripped headers"])
@@ -396,7 +412,7 @@ def test_a_response_head_that_never_ends_stops_at_the_total_timeout(hostile, hea
 
     server, provider = hostile(behave)
     err = one_line_error(provider, timeout=5.0, total_timeout=0.6)
-    assert err.reason == "too_long" and "total timeout" in str(err) and len(server.requests) == 1
+    assert err.reason == "timeout" and "total timeout" in str(err) and len(server.requests) == 1
 
 
 def test_a_server_that_never_answers_is_retried_then_one_line(hostile):
@@ -437,11 +453,21 @@ def _encode(key: str, how: str, picks: list[bool]) -> str:
         return "\u200b".join(key)
     if how == "base64":
         return base64.b64encode(key.encode()).decode()
+    if how == "reversed":
+        return key[::-1]
+    if how in ("hex", "HEX"):
+        return key.encode().hex() if how == "hex" else key.encode().hex().upper()
+    if how == "rot13":
+        return codecs.encode(key, "rot13")
+    if how.startswith("base64 at "):  # inside a longer encoded text, starting 1 or 2 bytes into a group
+        offset = int(how[-1])
+        return base64.b64encode(bytes(picks[:offset]) + b"\xff" * (offset - len(picks[:offset])) + key.encode()
+                                + b"!").decode()
     return key
 
 
 ENCODINGS = ["raw", "json", "json slash", "unicode some", "percent some", "entities some", "fullwidth", "zero-width",
-             "base64"]
+             "base64", "reversed", "hex", "HEX", "rot13", "base64 at 1", "base64 at 2"]
 
 
 @settings(max_examples=400, deadline=None)
