@@ -61,27 +61,35 @@ def cloud_leg(plan: cloud_api.CloudPlan, images: list[Path], question: str, runs
     results files keep nothing a server wrote); SAY, if given, gets the line with the server's short message."""
     requested, call, today = plan.requested, plan.call, plan.today
     block = {"provider": requested.id, "requested": requested.lifecycle(today), "notes": list(plan.notes),
-             "about": plan.about, "measured": False, "records": []}
+             "about": plan.about, "disputes": list(plan.disputes), "measured": False, "records": []}
     try:
         key = cloud_api.read_key((call or requested).key_env) if key is _FROM_ENV else cloud_api.check_key(key)
     except PocketVLMError as e:
         block["error"], key = str(e), None
     pngs = [(p.name, *_png(p)) for p in images]
+    text_tokens = round(len(question.split()) * 1.3) + 8  # chat framing; no provider tokenizer offline
     if call is None:
         block["skipped"] = "no callable model in the price data; cloud figures below are estimates"
     elif not key and "error" not in block:
         block["skipped"] = (f"${call.key_env} is not set; cloud figures below are estimates from the price "
                             f"data, not measurements")
     elif key:
+        # beside each measured prompt, what the estimate's rule gives for the same request: the API's usage checks
+        # the rule (the only check there is where the data marks the model's rule "assumed")
+        rule = call.image_rule()
+        block["token_rule"] = {"rule": rule.id, "method": rule.describe(), "text_tokens": text_tokens}
         try:
-            for name, png, _ in pngs:
+            for name, png, size in pngs:
+                image_tokens = cloud_api.estimate_image_tokens(call, *size)
                 for run in range(runs):
                     r = cloud_api.ask(call, key, question, [png], max_tokens, **ask_options)
                     cost = (call.cost(r.prompt_tokens, r.completion_tokens)
                             if r.prompt_tokens is not None and r.completion_tokens is not None else None)
                     rec = {"image": name, "run": run, "ttft_s": r.ttft_s, "e2e_s": r.total_s,
                            "output_tok_s": r.output_tok_s, "prompt_tokens": r.prompt_tokens,
-                           "completion_tokens": r.completion_tokens, "cost_usd": cost, "attempts": r.attempts}
+                           "completion_tokens": r.completion_tokens, "cost_usd": cost, "attempts": r.attempts,
+                           "image_px": list(size), "estimated_image_tokens": image_tokens,
+                           "estimated_prompt_tokens": text_tokens + image_tokens}
                     block["records"].append(rec)
                     if on_run:
                         on_run(rec)
@@ -99,7 +107,6 @@ def cloud_leg(plan: cloud_api.CloudPlan, images: list[Path], question: str, runs
                         "date": headline.price_date, "source": headline.price_source, "label": points[0].label,
                         "batch_factor": headline.batch_factor})
     with_usage = [r for r in block["records"] if r["prompt_tokens"] is not None and r["completion_tokens"] is not None]
-    text_tokens = round(len(question.split()) * 1.3) + 8  # chat framing; no provider tokenizer offline
 
     def estimated_prompt(p: cloud_api.Provider) -> int:
         return int(text_tokens + statistics.median(cloud_api.estimate_image_tokens(p, *size) for _, _, size in pngs))

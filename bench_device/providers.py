@@ -140,6 +140,8 @@ class Provider:
     retired: str | None = None
     successor: str | None = None    # model id
     lifecycle_source: str | None = None
+    docs_stage: str | None = None   # the stage the provider's docs give ("General Availability", "Public Preview"...)
+    disputes: tuple = ()            # one line per third-party claim the docs contradict (the data follows the docs)
     known: bool = True              # False: the model id is not in the price data (price borrowed, labelled)
     url_from: str = "the base URL"  # where base_url came from (a flag, a providers file's field), for its errors
 
@@ -161,8 +163,8 @@ class Provider:
 
     def lifecycle(self, today: dt.date) -> dict:
         return {"model": self.model, "name": self.name, "status": self.status(today), "as_of": today.isoformat(),
-                "released": self.released, "deprecated": self.deprecated, "retired": self.retired,
-                "successor": self.successor, "source": self.lifecycle_source}
+                "docs_stage": self.docs_stage, "released": self.released, "deprecated": self.deprecated,
+                "retired": self.retired, "successor": self.successor, "source": self.lifecycle_source}
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,7 @@ class CloudPlan:
     override: bool                   # --cloud-model given: sent as is, never swapped for a successor
     notes: list[str] = field(default_factory=list)   # one line each: printed on stderr and in the report
     about: str | None = None                          # the provider's own note, for the report only
+    disputes: list[str] = field(default_factory=list)  # where third parties disagree with the docs: report only
     compare: list[Provider] = field(default_factory=list)   # other prices to show (e.g. Medium 3's last one)
 
     def prices(self, measured: bool) -> list[PricePoint]:
@@ -360,9 +363,11 @@ def describe_source(src) -> str:
     if src.get("repo"):
         at = f" @{str(src['commit'])[:12]}" if src.get("commit") else ""
         changed = f", changed {src['changed']}" if src.get("changed") else ""
-        return f"{src['repo']}/{src.get('path', '')}{at}{changed}"
+        stated = f", dated {src['stated']}" if src.get("stated") else ""  # the date the file itself gives
+        return f"{src['repo']}/{src.get('path', '')}{at}{changed}{stated}"
     if src.get("url"):
-        return f"{src['url']}" + (f" ({src['date']})" if src.get("date") else "")
+        when = src.get("date") or (f"read {src['read']}" if src.get("read") else None)
+        return f"{src['url']}" + (f" ({when})" if when else "")
     return str(src.get("note") or "source unknown")
 
 
@@ -375,6 +380,20 @@ def _image_rules(data: _Fields) -> dict[str, dict]:
                           "merge": int(r.whole("merge", optional=True) or 1),
                           "source": describe_source(r.get("source", optional=True))}
     return rules
+
+
+def _disputes(m: _Fields, name: str) -> tuple[str, ...]:
+    """models.X.third_party: each claim a third party makes that the provider's own docs do not, as one line that
+    names both sides (the data itself follows the docs)."""
+    claims = m.get("third_party", optional=True) or []
+    if not isinstance(claims, list):
+        raise m._fail("third_party", "a list of {claim, docs_say, source} objects")
+    lines = []
+    for i, claim in enumerate(claims):
+        c = _Fields(claim, m.where, f"{m._name('third_party')}[{i}]")
+        lines.append(f"{name}: {c.text('claim')} (third party: {describe_source(c.get('source'))}); the provider's "
+                     f"docs: {c.text('docs_say')}")
+    return tuple(lines)
 
 
 def _from_v2(raw: dict, where: str) -> Catalog:
@@ -419,7 +438,8 @@ def _from_v2(raw: dict, where: str) -> Catalog:
             batch_factor=e["batch_factor"], batch_source=e["batch_source"],
             released=m.date("released"), deprecated=m.date("deprecated"), retired=m.date("retired"),
             successor=m.text("successor", optional=True),
-            lifecycle_source=describe_source(m.get("lifecycle_source", optional=True)))
+            lifecycle_source=describe_source(m.get("lifecycle_source", optional=True)),
+            docs_stage=m.text("docs_stage", optional=True), disputes=_disputes(m, m.text("name")))
         for name in [model_id, *m.names("api_names")]:
             api_names.setdefault(name, model_id)
         any_flag = m.get("any_id", optional=True)
@@ -487,6 +507,26 @@ def default_provider(path: Path | str | None = None) -> str:
     return load_catalog(path).default
 
 
+def cloud_help(path: Path | str | None = None, today: dt.date | None = None) -> str:
+    """The providers a --cloud flag takes, as the data says on `today` (default: the run's date, UTC): the default
+    first, each with its model, the stage its docs give and, once retired, where a measured run goes instead."""
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    catalog = load_catalog(path)
+    parts = []
+    for name in sorted(catalog.providers, key=lambda n: n != catalog.default):  # the default first, then file order
+        p = _resolve(catalog, name)
+        status = p.status(today)
+        about = [p.name] + ([p.docs_stage] if status == "active" and p.docs_stage else [])
+        if status == "retired":
+            after = _callable_successor(catalog, p, today, None, "")
+            about.append(f"retired {p.retired}: estimated at its last price, measured on "
+                         + (after.name if after else "nothing (no callable successor in the data)"))
+        elif status == "deprecated":
+            about.append(f"deprecated since {p.deprecated}" + (f", retires {p.retired}" if p.retired else ""))
+        parts.append(f"{name} ({'default: ' if name == catalog.default else ''}{', '.join(about)})")
+    return "provider from the price data: " + "; ".join(parts)
+
+
 def load_providers(path: Path | str | None = None) -> dict[str, Provider]:
     catalog = load_catalog(path)
     return {name: _resolve(catalog, name) for name in catalog.providers}
@@ -526,7 +566,7 @@ def _with_overrides(catalog: Catalog, name: str, model: str | None, base_url: st
             p = replace(p, model=model)
         else:  # an id the data does not know: the listed model's price, labelled so wherever it is shown
             p = replace(p, model=model, known=False, released=None, deprecated=None, retired=None, successor=None,
-                        lifecycle_source=None)
+                        lifecycle_source=None, docs_stage=None, disputes=())
     return replace(p, base_url=base_url, url_from=base_url_flag) if base_url is not None else p
 
 
@@ -568,6 +608,8 @@ def plan_cloud(name: str | None, *, path: Path | str | None = None, model: str |
     compare = entry.get("compare_with")
     if compare:
         plan.compare.append(replace(catalog.models[compare], id=name))
+    for p in (requested, plan.call):
+        plan.disputes += [d for d in (p.disputes if p else ()) if d not in plan.disputes]
     if plan.call is not None:  # a providers file's URL too: plain http to another host only when allowed
         check_base_url(plan.call.base_url, plan.call.url_from, allow_plain_http=allow_plain_http)
     return plan

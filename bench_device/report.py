@@ -11,16 +11,19 @@ are still read and merged):
             files, whose roofline used the device's one figure)
   records:  [{device, variant, backend, quant, image, run, encode_s, ttft_s, prefill_tok_s, decode_tok_s, e2e_s,
               prompt_tokens, generated_tokens, measured: true}]      one per variant x image x run
-  cloud:    [{provider, name, model, measured, skipped?, error?, notes[], about?,
-              requested{model, name, status, as_of, released, deprecated, retired, successor, source},
+  cloud:    [{provider, name, model, measured, skipped?, error?, notes[], about?, disputes[]?,
+              requested{model, name, status, as_of, docs_stage?, released, deprecated, retired, successor, source},
               price{input_per_m, output_per_m, date, source, label, batch_factor},        the headline price
               prices[{label, model, name, status, retired, input_per_m, output_per_m, batch_factor, date, source,
                       batch_source, basis, per_query_usd{standard, batch}, per_1k_usd{standard, batch}}],
               records[{image, run, ttft_s, e2e_s, output_tok_s, prompt_tokens, completion_tokens, cost_usd,
-                       attempts}],
+                       attempts, image_px[w, h]?, estimated_image_tokens?, estimated_prompt_tokens?}],
+              token_rule{rule, method, text_tokens}?,
               estimate{prompt_tokens, completion_tokens, cost_usd, method}?}]
             model/name: the model measured, or (not measured) the one whose price heads the estimate; prices[0] is
-            that price; requested: the model the user named, with its lifecycle on the run's date
+            that price; requested: the model the user named, with its lifecycle on the run's date; disputes: where a
+            third party disagrees with the provider's docs (the price data follows the docs); a measured record's
+            estimated_*: what the estimate's token_rule gives for the same request, beside the API's prompt_tokens
   costs:    {power_w, kwh_price, device_cost, amortize_months, rows[{variant, device, edge_per_query,
               edge_per_1k, cloud_per_query, cloud_per_1k, cloud_cost_measured, break_even_queries,
               cloud[{label, model, name, basis, per_1k_standard, per_1k_batch, break_even_standard,
@@ -97,9 +100,12 @@ RESULTS_SHAPE = {
                 "about?": _OPT_STR,
                 "price?": ({"input_per_m?": _OPT_NUM, "output_per_m?": _OPT_NUM, "date?": _OPT_STR,
                             "source?": _OPT_STR}, type(None)),
-                "requested?": ({"model?": _OPT_STR, "status?": _OPT_STR}, type(None)),
+                "disputes?": [str],
+                "requested?": ({"model?": _OPT_STR, "status?": _OPT_STR, "docs_stage?": _OPT_STR}, type(None)),
                 "records?": [{"ttft_s?": _OPT_NUM, "e2e_s?": _OPT_NUM, "output_tok_s?": _OPT_NUM,
-                              "cost_usd?": _OPT_NUM}],
+                              "cost_usd?": _OPT_NUM, "prompt_tokens?": _OPT_NUM, "image_px?": ([int], type(None)),
+                              "estimated_image_tokens?": _OPT_NUM, "estimated_prompt_tokens?": _OPT_NUM}],
+                "token_rule?": ({"rule?": _OPT_STR, "method?": _OPT_STR, "text_tokens?": _OPT_NUM}, type(None)),
                 "estimate?": ({"prompt_tokens": _NUM, "completion_tokens": _NUM, "cost_usd": _NUM, "method": str},
                               type(None)),
                 "prices?": [{"name": str, "model": str, "label": str, "input_per_m": _NUM, "output_per_m": _NUM,
@@ -220,7 +226,8 @@ def markdown(results: dict) -> str:
     lines += [f"Question: “{md(s.get('question') or '')}” · images: {md(', '.join(s.get('images', [])))} · "
               f"{s.get('runs')} runs after {s.get('warmup')} warm-up · {s.get('max_tokens')} generated tokens per run "
               f"(end of sequence ignored). Cells: median (min–max).", ""]
-    lines += ["## Devices", "", "| id | CPU | cores | RAM | OS | accelerator | memory bandwidth |", "|---|---|---|---|---|---|---|"]
+    lines += ["## Devices", "", "| id | CPU | cores | RAM | OS | accelerator | memory bandwidth |",
+              "|---|---|---|---|---|---|---|"]
     for d in results["devices"]:
         lines.append(f"| {md(d['id'])} | {md(d.get('cpu') or '–')} | {_fmt(d.get('cores'), 'g')} | "
                      f"{_fmt((d.get('ram_bytes') or 0) / 2**30 or None, '.0f', ' GiB')} | {md(d.get('os') or '–')} | "
@@ -272,7 +279,10 @@ def _money(value, spec=".4f"):
 def _cloud_lines(c: dict) -> list[str]:
     price = c.get("price") or {}
     req = c.get("requested") or {}
-    status = req.get("status") if req.get("model") == c.get("model") else None
+    same = req.get("model") == c.get("model")
+    status = req.get("status") if same else None
+    if same and status == "active" and req.get("docs_stage"):
+        status = req["docs_stage"]  # the stage its docs give: a Public Preview allows silent updates
     lines = [f"**{md(c.get('name'))}** ({_code(c.get('model'))}"
              f"{f', {md(status)}' if status and status != 'active' else ''}; "
              f"{_money(price.get('input_per_m'), '.2f')} in / {_money(price.get('output_per_m'), '.2f')} out per M "
@@ -288,6 +298,9 @@ def _cloud_lines(c: dict) -> list[str]:
                      f"{_stat(stats(r['e2e_s'] for r in recs))} s, output "
                      f"{_stat(stats(r['output_tok_s'] for r in recs), '.1f')} tok/s, cost/query "
                      f"${_stat(stats(r['cost_usd'] for r in recs), '.6f')}")
+    lines += [f"- third party vs the provider's docs (the price data follows the docs): {md(d)}"
+              for d in c.get("disputes", [])]
+    lines += _rule_check_lines(c)
     if c.get("estimate"):
         e = c["estimate"]
         lines.append(f"- **estimated** (no measurement): ~{e['prompt_tokens']} input + {e['completion_tokens']} "
@@ -309,6 +322,30 @@ def _cloud_lines(c: dict) -> list[str]:
         lines.append(f"\nNote: {md(c['about'])}.")
     lines.append("")
     return lines
+
+
+def _rule_check_lines(c: dict) -> list[str]:
+    """Measured prompt tokens (the API's usage) beside what the estimate's image-token rule gives for the same
+    request, per image: where they part, the rule (or its text allowance) is wrong for this model."""
+    recs = [r for r in c.get("records", []) if r.get("estimated_prompt_tokens") is not None]
+    if not recs:
+        return []
+    rule = c.get("token_rule") or {}
+    lines = ["", f"Prompt tokens, measured (the API's usage.prompt_tokens) against the estimate's rule "
+                 f"{_code(rule.get('rule') or '–')} for the same request ({md(rule.get('method') or 'rule unknown')}; "
+                 f"text ~{_fmt(rule.get('text_tokens'), '.0f')} tokens):", "",
+             "| image | px | measured | rule's estimate (image + text) | measured − estimate |",
+             "|---|---|---|---|---|"]
+    for image in dict.fromkeys(r.get("image") for r in recs):
+        mine = [r for r in recs if r.get("image") == image]
+        measured, estimated = stats(r.get("prompt_tokens") for r in mine), stats(r["estimated_prompt_tokens"]
+                                                                                  for r in mine)
+        images = stats(r.get("estimated_image_tokens") for r in mine)
+        px = mine[0].get("image_px") or []
+        gap = measured["median"] - estimated["median"] if measured else None
+        lines.append(f"| {md(image)} | {'x'.join(str(v) for v in px) or '–'} | {_stat(measured, '.0f')} | "
+                     f"{_stat(estimated, '.0f')} ({_stat(images, '.0f')} + text) | {_fmt(gap, '+.0f')} |")
+    return lines + [""]
 
 
 def _cost_lines(costs: dict) -> list[str]:

@@ -322,9 +322,12 @@ def _check(args) -> int:
     return 0 if report["pass"] else 1
 
 
-CLOUD_HELP = ("provider from the price data: mistral-medium-3.5 (default), mistral-medium-3.1 and mistral-medium-3 "
-              "(both retired: estimated at their last price, measured on their successor), openai-compatible; or "
-              "'none'")
+def cloud_help() -> str:
+    """--cloud's help: the providers as the built-in price data has them on the run's date (names, stages and
+    lifecycles are data, never written here)."""
+    from pocketvlm.bench_device.providers import cloud_help as from_the_data
+
+    return from_the_data() + "; or 'none'"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=int, default=40,
                    help="held-out questions to ask, tasks in turn (default 40 = 10 per task; 200 asks them all — "
                         "quantized MLX on Linux takes ~2 s a question)")
-    p.add_argument("--cloud", default="default", help=CLOUD_HELP)
+    p.add_argument("--cloud", default="default", help=cloud_help())
     p.add_argument("--image-size", type=image_size_arg, metavar="PX", help=IMAGE_SIZE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_demo)
@@ -478,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="measured runs per image (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per run (default 32)")
-    p.add_argument("--cloud", default="default", help=CLOUD_HELP)
+    p.add_argument("--cloud", default="default", help=cloud_help())
     p.add_argument("--cloud-model", help="send this model id as given, never swapped for a successor; an id in the "
                                          "price data brings its own price and lifecycle (e.g. mistral-medium-3-5)")
     p.add_argument("--cloud-base-url", metavar="URL",

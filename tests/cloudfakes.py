@@ -124,10 +124,11 @@ def mistral_chunks(model: str, answer: str, prompt_tokens: int, completion_token
     return chunks
 
 
-def mistral(key: str, models: set[str], *, answer: str = "A red circle on noise.", prompt_tokens: int = 1234,
+def mistral(key: str, models: set[str], *, answer: str = "A red circle on noise.", prompt_tokens=1234,
             completion_tokens: int = 7, retired_status: int = 400):
     """A fake api.mistral.ai/v1/chat/completions: 401 for a wrong key, Mistral's invalid_model error for an id
-    it does not serve (retired_status 404: the lifecycle page's version), else a streamed answer."""
+    it does not serve (retired_status 404: the lifecycle page's version), else a streamed answer. prompt_tokens: a
+    number, or a function of the request's JSON body (e.g. counting its image as some tokenizer would)."""
     def behave(req: Seen, out, n):
         if req.headers.get("authorization") != f"Bearer {key}":
             response(out, 401, json.dumps({"message": "Unauthorized", "request_id": "0" * 32}),
@@ -139,7 +140,8 @@ def mistral(key: str, models: set[str], *, answer: str = "A red circle on noise.
             response(out, retired_status, body, {"Content-Type": "application/json"})
             return
         stream_head(out)
-        for chunk in mistral_chunks(model, answer, prompt_tokens, completion_tokens):
+        counted = prompt_tokens(req.body) if callable(prompt_tokens) else prompt_tokens
+        for chunk in mistral_chunks(model, answer, counted, completion_tokens):
             out.write(event(chunk))
         out.write(b"data: [DONE]\n\n")
 
