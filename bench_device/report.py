@@ -294,10 +294,10 @@ def _cloud_lines(c: dict) -> list[str]:
         lines.append(f"- not measured: {md(c['skipped'])}")
     if c.get("records"):
         recs = c["records"]
-        lines.append(f"- measured: TTFT {_stat(stats(r['ttft_s'] for r in recs))} s, total "
-                     f"{_stat(stats(r['e2e_s'] for r in recs))} s, output "
-                     f"{_stat(stats(r['output_tok_s'] for r in recs), '.1f')} tok/s, cost/query "
-                     f"${_stat(stats(r['cost_usd'] for r in recs), '.6f')}")
+        lines.append(f"- measured: TTFT {_stat(stats(r.get('ttft_s') for r in recs))} s, total "
+                     f"{_stat(stats(r.get('e2e_s') for r in recs))} s, output "
+                     f"{_stat(stats(r.get('output_tok_s') for r in recs), '.1f')} tok/s, cost/query "
+                     f"${_stat(stats(r.get('cost_usd') for r in recs), '.6f')}")
     lines += [f"- third party vs the provider's docs (the price data follows the docs): {md(d)}"
               for d in c.get("disputes", [])]
     lines += _rule_check_lines(c)

@@ -269,6 +269,14 @@ def test_malformed_results_are_one_line_and_nothing_is_written(case, results_fil
     assert not out.exists() and debris(out) == []
 
 
+def test_a_merged_file_with_only_some_cloud_fields_is_reported(results_file, tmp_path):
+    partial = tmp_path / "phone.json"
+    partial.write_text(json.dumps(_results(cloud=[{"name": "cloud", "model": "m", "records": [{"ttft_s": 0.4}]}])))
+    proc = run_cli("bench", "report", results_file, partial, "--out", tmp_path / "out", "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    assert "- measured: TTFT 0.40 s" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_device_labels_cannot_break_or_inject_into_the_report(tmp_path):
     label = "a|b\n# Heading <script>alert(1)</script> [x](javascript:alert(1)) `code` ![i](http://x/i.png)"
     results = _results(devices=[{"id": label, "cpu": "x|y", "os": "<b>os</b>", "accelerator": "\r\n|"}],
