@@ -70,6 +70,30 @@ class Prefill:
     n_past: int
 
 
+def adapter_shape_problem(adapter: GGUFInfo, model: GGUFInfo) -> str | None:
+    """Why a LoRA adapter's tensors do not fit the model's, or None. Each pair adapts the model tensor it is named
+    after: lora_a reads what that tensor reads (its input width: the hidden size for attention and the MLP's
+    gate/up, the intermediate size for ffn_down), lora_b writes what it writes, and both share one rank. ggml order:
+    shape[0] is the input width."""
+    weights = {t.name: t.shape for t in model.tensors}
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for t in adapter.tensors:
+        for suffix in (".lora_a", ".lora_b"):
+            if t.name.endswith(suffix):
+                pairs.setdefault(t.name[: -len(suffix)], {})[suffix[-1]] = t.shape
+    for name, pair in sorted(pairs.items()):
+        base = weights.get(name)
+        if base is None:
+            return f"{name} is adapted but the model has no such tensor"
+        a, b = pair.get("a"), pair.get("b")
+        if a is None or b is None:
+            return f"{name} has only one of lora_a / lora_b"
+        if len(a) != 2 or len(b) != 2 or len(base) < 2 or a[0] != base[0] or b[1] != base[1] or a[1] != b[0]:
+            return (f"{name}.lora_a/.lora_b have shapes {a} / {b}, which do not adapt the model's {name} of "
+                    f"shape {base} (input x output)")
+    return None
+
+
 class GGUFBackend(Backend):
     name = "gguf"
     N_BATCH = 512  # tokens (or image embeddings) per llama_decode call
@@ -196,11 +220,9 @@ class GGUFBackend(Backend):
         if info.architecture != model_info.architecture:
             raise ArtifactError(f"{path} adapts a {info.architecture} model; {self.model_file.name} is "
                                 f"{model_info.architecture}")
-        width = text_embedding_length(model_info)
-        bad = next((t for t in info.tensors if t.name.endswith(".lora_a") and width not in t.shape), None)
-        if bad is not None:
-            raise ArtifactError(f"{path}: {bad.name} has shape {bad.shape}, not for a {width}-wide text model; the "
-                                f"adapter is for another base")
+        problem = adapter_shape_problem(info, model_info)
+        if problem:
+            raise ArtifactError(f"{path}: {problem}; the adapter is for another base")
         ENGINE_LOG.clear()
         self._adapter = self._llama.llama_adapter_lora_init(self._model, str(path).encode())
         if not self._adapter:  # a NULL pointer, which ctypes gives as a falsy object, not None

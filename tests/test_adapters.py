@@ -113,3 +113,50 @@ def test_an_adapter_that_is_not_there_or_a_base_that_takes_none_is_one_line(tmp_
     assert_user_error(run_cli("ask", MICRO, q, "--adapter", tmp_path / "file"), "no such folder")
     assert_user_error(run_cli("ask", MICRO, q, "--adapter", MICRO), "--adapter needs a gguf or mlx base artifact")
     assert_user_error(run_cli("serve", MICRO, "--adapter", tmp_path / "missing", "--port", "0"), "no such folder")
+
+
+@pytest.mark.parametrize("fmt, quant, engine", [("gguf", "f16", "llama_cpp"), ("mlx", "fp32", "mlx_vlm")])
+def test_an_adapter_applies_where_the_mlp_is_wider_than_the_model(fmt, quant, engine, tiny_model, tmp_path):
+    """The tiny model's MLP is 192 wide, its hidden size 128 (the real models' ffn_down reads 1536 or 2560 from a
+    576- or 960-wide model): ffn_down's lora_a reads the intermediate width, every other pair the hidden one. The
+    adapter applied at run time answers as the merged export does."""
+    pytest.importorskip(engine)
+    pytest.importorskip("peft")
+    from pocketvlm.runtime import open_backend
+    from pocketvlm.synthetic import task_cycle, write_finetune_data, write_split
+
+    config = json.loads((tiny_model / "config.json").read_text())["text_config"]
+    assert config["intermediate_size"] != config["hidden_size"]
+    rows = write_finetune_data(tmp_path / "data", 16, 3, task_cycle({"color": 1}))
+    tuned = tmp_path / "tuned"
+    proc = run_cli("finetune", tiny_model, "--data", rows, "--out", tuned, "--target", "text", "--rank", "4",
+                   "--lr", "0.05", "--max-steps", "4", "--eval-split", "0", "--quiet", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    base = export(tiny_model, fmt, tmp_path / "base", "--quant", quant)
+    merged = export(tuned, fmt, tmp_path / "merged", "--quant", quant)
+    adapter = export(tuned / "adapter", fmt, tmp_path / "adapter")
+    split = write_split(tmp_path / "split", 6, 4)
+    with_adapter = answers(open_backend(base, adapter=adapter), split)
+    assert with_adapter == answers(open_backend(merged), split)
+    assert with_adapter != answers(open_backend(base), split)  # the adapter really changed the answers
+
+
+def test_an_adapter_whose_widths_are_another_models_is_refused_naming_the_tensor():
+    from pocketvlm.formats.gguf_reader import GGUFInfo, GGUFTensor
+    from pocketvlm.runtime.gguf import adapter_shape_problem
+
+    def info(*tensors):
+        return GGUFInfo(path=None, version=3, metadata={"general.architecture": "llama"}, data_offset=0, size=0,
+                        tensors=[GGUFTensor(n, s, "f32", 0, 0) for n, s in tensors])
+
+    model = info(("blk.0.ffn_down.weight", (512, 192)), ("blk.0.attn_q.weight", (192, 192)))
+    good = info(("blk.0.ffn_down.weight.lora_a", (512, 8)), ("blk.0.ffn_down.weight.lora_b", (8, 192)),
+                ("blk.0.attn_q.weight.lora_a", (192, 8)), ("blk.0.attn_q.weight.lora_b", (8, 192)))
+    assert adapter_shape_problem(good, model) is None
+    for bad, fragment in (
+            ((("blk.0.ffn_down.weight.lora_a", (192, 8)), ("blk.0.ffn_down.weight.lora_b", (8, 192))), "ffn_down"),
+            ((("blk.0.attn_q.weight.lora_a", (192, 8)), ("blk.0.attn_q.weight.lora_b", (8, 256))), "attn_q"),
+            ((("blk.0.attn_q.weight.lora_a", (192, 8)), ("blk.0.attn_q.weight.lora_b", (4, 192))), "attn_q"),
+            ((("blk.9.attn_q.weight.lora_a", (192, 8)), ("blk.9.attn_q.weight.lora_b", (8, 192))), "no such tensor"),
+            ((("blk.0.attn_q.weight.lora_a", (192, 8)),), "only one of")):
+        assert fragment in adapter_shape_problem(info(*bad), model)
